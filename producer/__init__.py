@@ -1,0 +1,15 @@
+"""The client library services import to push single requests and receive their results."""
+
+from producer.callback_queue import CallbackQueue, Delivery
+from producer.client import Producer, RequestHandle
+from shared.schemas import ErrorInfo, InvalidRequest, Result
+
+__all__ = [
+    "CallbackQueue",
+    "Delivery",
+    "ErrorInfo",
+    "InvalidRequest",
+    "Producer",
+    "RequestHandle",
+    "Result",
+]

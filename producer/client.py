@@ -1,0 +1,214 @@
+"""The producer: services push single requests into the pending buffers and get handles back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, cast
+
+from redis import Redis
+
+from producer.wakeup import AggregatorWaker
+from shared.embedded_redis import resolve_redis_url
+from shared.redis_layout import Keys, Scripts, buffer_name, text
+from shared.schemas import (
+    ErrorInfo,
+    InvalidRequest,
+    PreparedRequest,
+    Result,
+    prepare_many,
+    prepare_request,
+)
+from shared.settings import Settings
+
+RequestState = Literal["pending", "batched", "completed", "failed", "cancelled", "unknown"]
+_CHUNK = 1000  # requests per enqueue script call: bounds how long one call blocks Redis
+
+
+class Producer:
+    """Submits requests to batchbridge through Redis; cheap to create, safe to share by threads."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        client: Redis | None = None,
+    ) -> None:
+        self.settings = settings or Settings.load()
+        url = redis_url or resolve_redis_url(self.settings)
+        self._client = client or Redis.from_url(url)
+        self.keys = Keys(self.settings.key_prefix)
+        self._scripts = Scripts(self._client)
+        self._waker = AggregatorWaker(self._client, self.keys, url)
+        self._default_provider = self.settings.default_provider
+        self._max_line = self.settings.max_line_bytes
+
+    @classmethod
+    def from_env(cls) -> Producer:
+        """A producer configured from ``BATCHBRIDGE_*`` environment variables."""
+        return cls()
+
+    @property
+    def redis(self) -> Redis:
+        """The Redis client this producer writes with."""
+        return self._client
+
+    def submit(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        callback_queue: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        provider: str | None = None,
+        **body_fields: Any,
+    ) -> RequestHandle:
+        """Validate one request and enqueue it in one round trip; returns its handle."""
+        request = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "callback_queue": callback_queue,
+            "metadata": metadata,
+            "idempotency_key": idempotency_key,
+            "provider": provider,
+            **body_fields,
+        }
+        prepared = prepare_request(
+            request, default_provider=self._default_provider, max_line_bytes=self._max_line
+        )
+        reply = self._scripts.run("enqueue", [self.keys.buffers], self._args([prepared]))
+        return self._handles([prepared], reply)[0]
+
+    def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[RequestHandle]:
+        """Validate every request first, then enqueue them all, pipelined.
+
+        Each request is a mapping of :meth:`submit`'s arguments (``model``, ``messages``, ...).
+        """
+        try:
+            prepared = prepare_many(
+                [dict(r) for r in requests],
+                default_provider=self._default_provider,
+                max_line_bytes=self._max_line,
+            )
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"requests{exc.field}", exc.rule) from None
+        pipe = self._client.pipeline(transaction=False)
+        chunks = [prepared[i : i + _CHUNK] for i in range(0, len(prepared), _CHUNK)]
+        for chunk in chunks:
+            self._scripts.run("enqueue", [self.keys.buffers], self._args(chunk), client=pipe)
+        replies = pipe.execute()
+        handles: list[RequestHandle] = []
+        for chunk, reply in zip(chunks, replies, strict=True):
+            handles.extend(self._handles(chunk, reply))
+        return handles
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a request still waiting in its buffer; False if it is already batched or done."""
+        result = Result(
+            request_id=request_id,
+            status="cancelled",
+            error=ErrorInfo(code="cancelled", message="cancelled by the producer"),
+        )
+        args = [self.keys.base, self.settings.result_ttl_seconds, "", request_id, "cancelled"]
+        finished = self._scripts.run("finish", [self.keys.buffers], [*args, result.to_json()])
+        return bool(finished)
+
+    def state(self, request_id: str) -> RequestState:
+        """Where the request is now."""
+        reply: Any = self._client.hmget(self.keys.request(request_id), ["state", "outcome"])
+        state, outcome = reply
+        if state is None:
+            return "unknown"
+        return cast(RequestState, text(outcome if state == b"done" else state))
+
+    def result(self, request_id: str) -> Result | None:
+        """The request's result once it has one."""
+        raw: Any = self._client.hget(self.keys.request(request_id), "result")
+        return Result.from_json(raw) if raw else None
+
+    def close(self) -> None:
+        """Close the Redis connections."""
+        self._client.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _args(self, prepared: list[PreparedRequest]) -> list[Any]:
+        args: list[Any] = [
+            self.keys.base,
+            int(time.time() * 1000),
+            self.settings.idempotency_ttl_seconds,
+        ]
+        for p in prepared:
+            args += (
+                p.id,
+                buffer_name(p.provider, p.model),
+                p.line_bytes,
+                p.idempotency_key,
+                p.body,
+                p.callback_queue,
+                p.metadata,
+            )
+        return args
+
+    def _handles(self, prepared: list[PreparedRequest], reply: list[Any]) -> list[RequestHandle]:
+        # reply: B, B pairs (buf, count), then pairs (position, existing id) for repeats.
+        n_bufs = int(reply[0])
+        ids = [p.id for p in prepared]
+        for i in range(1 + 2 * n_bufs, len(reply), 2):
+            ids[int(reply[i]) - 1] = reply[i + 1].decode()
+        full = {
+            reply[i].decode()
+            for i in range(1, 1 + 2 * n_bufs, 2)
+            if int(reply[i + 1]) >= self.settings.max_batch_requests
+        }
+        if full:
+            self._waker.wake(full)
+        return [RequestHandle(request_id, self) for request_id in ids]
+
+
+class RequestHandle:
+    """A submitted request: its id, and ways to ask after it."""
+
+    __slots__ = ("_producer", "id")
+
+    def __init__(self, request_id: str, producer: Producer) -> None:
+        self.id = request_id
+        self._producer = producer
+
+    def status(self) -> RequestState:
+        """``pending``, ``batched``, ``completed``, ``failed``, ``cancelled`` or ``unknown``."""
+        return self._producer.state(self.id)
+
+    def result(self) -> Result | None:
+        """The result if the request has finished, else None."""
+        return self._producer.result(self.id)
+
+    def wait(self, timeout: float | None = None) -> Result:
+        """Block until the request finishes; raises TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            result = self.result()
+            if result is not None:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"request {self.id} has no result after {timeout} s")
+            time.sleep(
+                delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
+            )
+            delay = min(delay * 1.5, 0.5)
+
+    def cancel(self) -> bool:
+        """Cancel the request if it is still in its buffer."""
+        return self._producer.cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"RequestHandle({self.id!r})"

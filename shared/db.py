@@ -1,0 +1,168 @@
+"""Database access: the engine, and the few write operations the record allows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, event, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlmodel import Session, SQLModel, create_engine, select
+
+from shared.models import BATCH_TRANSITIONS, Batch, BatchState, Request, RequestState, utcnow
+from shared.settings import Settings
+
+
+class IllegalTransition(RuntimeError):
+    """A batch was asked to move between states the state machine does not connect."""
+
+
+def make_engine(settings: Settings) -> Engine:
+    """Create the engine and the tables (idempotent)."""
+    url = settings.sqlalchemy_url
+    if url.startswith("sqlite"):
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    # WAL lets the status CLI read while a worker writes; several worker processes share the file.
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def transition(
+    session: Session,
+    batch_id: str,
+    to: BatchState,
+    *,
+    expect: Iterable[BatchState],
+    **fields: Any,
+) -> bool:
+    """Move a batch from one of ``expect`` to ``to`` in one conditional UPDATE.
+
+    Returns False when the batch is not in an expected state (someone else moved it first).
+    """
+    expected = list(expect)
+    for state in expected:
+        if to not in BATCH_TRANSITIONS[state]:
+            raise IllegalTransition(f"batch state {state} cannot become {to}")
+    result = session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)  # type: ignore[arg-type]
+        .where(Batch.state.in_([s.value for s in expected]))  # type: ignore[attr-defined]
+        .values(state=to.value, updated_at=utcnow(), **fields)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def update_batch(session: Session, batch_id: str, **fields: Any) -> None:
+    """Change a batch's descriptive fields without changing its state."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)  # type: ignore[arg-type]
+        .values(updated_at=utcnow(), **fields)
+    )
+
+
+def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert request rows, or point existing ones (a retried request) at their new batch."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    table = Request.__table__  # type: ignore[attr-defined]
+    for start in range(0, len(rows), 5000):
+        stmt = insert(table).values(list(rows[start : start + 5000]))
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["id"],
+            set_={
+                "batch_id": stmt.excluded.batch_id,
+                "state": stmt.excluded.state,
+                "attempts": stmt.excluded.attempts,
+            },
+        )
+        session.execute(stmt)
+
+
+def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Record outcomes of requests still batched in ``batch_id`` (others are left alone).
+
+    Each row has id, state, error_code, error_message, prompt_tokens, completion_tokens and
+    finished_at.
+    """
+    if not rows:
+        return
+    table = Request.__table__  # type: ignore[attr-defined]
+    stmt = (
+        update(table)
+        .where(table.c.id == bindparam("rid"))
+        .where(table.c.batch_id == batch_id)
+        .where(table.c.state == RequestState.BATCHED.value)
+        .values(
+            state=bindparam("new_state"),
+            error_code=bindparam("error_code"),
+            error_message=bindparam("error_message"),
+            prompt_tokens=bindparam("prompt_tokens"),
+            completion_tokens=bindparam("completion_tokens"),
+            finished_at=bindparam("finished_at"),
+        )
+    )
+    params = [
+        {
+            "rid": r["id"],
+            "new_state": r["state"],
+            "error_code": r["error_code"],
+            "error_message": r["error_message"],
+            "prompt_tokens": r["prompt_tokens"],
+            "completion_tokens": r["completion_tokens"],
+            "finished_at": r["finished_at"],
+        }
+        for r in rows
+    ]
+    session.connection().execute(stmt, params)
+
+
+def batches_in(session: Session, states: Iterable[BatchState], limit: int = 100) -> list[Batch]:
+    """Batches in any of ``states``, oldest first."""
+    stmt = (
+        select(Batch)
+        .where(Batch.state.in_([s.value for s in states]))  # type: ignore[attr-defined]
+        .order_by(Batch.created_at)  # type: ignore[arg-type]
+        .limit(limit)
+    )
+    return list(session.exec(stmt))
+
+
+def due_for_poll(session: Session, now: datetime, limit: int = 100) -> list[Batch]:
+    """Submitted batches whose next poll time has come."""
+    stmt = (
+        select(Batch)
+        .where(Batch.state == BatchState.SUBMITTED.value)
+        .where(Batch.next_poll_at <= now)  # type: ignore[operator]
+        .order_by(Batch.next_poll_at)  # type: ignore[arg-type]
+        .limit(limit)
+    )
+    return list(session.exec(stmt))
+
+
+def poll_now(session: Session, provider_batch_id: str) -> None:
+    """Make the submitted batch running as ``provider_batch_id`` due for a poll right away."""
+    session.execute(
+        update(Batch)
+        .where(Batch.provider_batch_id == provider_batch_id)  # type: ignore[arg-type]
+        .where(Batch.state == BatchState.SUBMITTED.value)  # type: ignore[arg-type]
+        .values(next_poll_at=utcnow())
+    )

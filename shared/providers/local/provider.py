@@ -1,0 +1,121 @@
+"""The local provider: Together's Batch API semantics on top of a LocalStore, no network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from shared.limits import BATCH_ENDPOINT
+from shared.providers.base import ProviderBatch, ProviderBatchStatus, ProviderError
+from shared.providers.local._fs import copy_stream
+from shared.providers.local.records import BatchJob, JobStatus
+from shared.providers.local.store import LocalStore, NotFound
+
+
+class LocalProvider:
+    """A ``BatchProvider`` backed by a LocalStore.
+
+    ``dispatch(job_id)`` is called after a batch is created and decides where it runs (the
+    worker sends a task that calls ``run_job``); with ``dispatch=None`` a job stays VALIDATING
+    until someone calls ``run_job`` on it.
+    """
+
+    def __init__(
+        self,
+        store: LocalStore,
+        *,
+        dispatch: Callable[[str], None] | None = None,
+        name: str = "local",
+    ) -> None:
+        self.store = store
+        self.name = name
+        self._dispatch = dispatch
+
+    def upload_file(self, path: Path) -> str:
+        """Stream a JSONL input file into the store and return its file id."""
+        try:
+            return self.store.add_file_from_path(path, filename=path.name).id
+        except FileNotFoundError as exc:
+            raise ProviderError(f"cannot upload {path}: {exc}", retryable=False) from exc
+        except OSError as exc:
+            raise ProviderError(f"cannot upload {path}: {exc}", retryable=True) from exc
+
+    def create_batch(self, input_file_id: str, *, model: str) -> ProviderBatch:
+        """Create a VALIDATING job over an uploaded file and hand it to ``dispatch``."""
+        try:
+            job = self.store.create_job(input_file_id, BATCH_ENDPOINT, model_id=model)
+        except NotFound as exc:
+            raise ProviderError(str(exc), retryable=False, status_code=404) from exc
+        if self._dispatch is not None:
+            try:
+                self._dispatch(job.id)
+            except Exception as exc:
+                reason = str(exc)
+                # Fail the orphan so a retried create cannot leave two live jobs for one batch.
+                self.store.update_job(job.id, lambda j: _dispatch_failed(j, reason))
+                raise ProviderError(
+                    f"batch {job.id} created but could not be dispatched: {exc}",
+                    retryable=True,
+                ) from exc
+            job = self.store.get_job(job.id)
+        return to_provider_batch(job)
+
+    def get_batch(self, batch_id: str) -> ProviderBatch:
+        """Return a batch's current state."""
+        try:
+            return to_provider_batch(self.store.get_job(batch_id))
+        except NotFound as exc:
+            raise ProviderError(str(exc), retryable=False, status_code=404) from exc
+
+    def cancel_batch(self, batch_id: str) -> ProviderBatch:
+        """Cancel a batch; a running one finishes as CANCELLED once its runner notices."""
+        try:
+            return to_provider_batch(self.store.request_cancel(batch_id))
+        except NotFound as exc:
+            raise ProviderError(str(exc), retryable=False, status_code=404) from exc
+
+    def list_batches(self) -> list[ProviderBatch]:
+        """Every batch in the store, oldest first."""
+        return [to_provider_batch(job) for job in self.store.list_jobs()]
+
+    def download_file(self, file_id: str, dest: Path) -> None:
+        """Stream a stored file to ``dest`` (replaced atomically)."""
+        try:
+            src = self.store.file_path(file_id)
+        except NotFound as exc:
+            raise ProviderError(str(exc), retryable=False, status_code=404) from exc
+        copy_stream(src, dest)
+
+
+def to_provider_batch(job: BatchJob) -> ProviderBatch:
+    """Map a stored job to the provider-neutral ProviderBatch."""
+    return ProviderBatch(
+        id=job.id,
+        status=ProviderBatchStatus.from_together(job.status.value),
+        raw_status=job.status.value,
+        input_file_id=job.input_file_id,
+        output_file_id=job.output_file_id,
+        error_file_id=job.error_file_id,
+        error=job.error,
+        progress=job.progress,
+        model=job.model_id,
+        created_at=_utc(job.created_at),
+        completed_at=_utc(job.completed_at),
+    )
+
+
+def _utc(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=UTC)
+
+
+def _dispatch_failed(job: BatchJob, reason: str) -> BatchJob:
+    if job.is_terminal:
+        return job
+    return replace(
+        job,
+        status=JobStatus.FAILED,
+        error=f"could not dispatch the batch: {reason}",
+        completed_at=job.created_at,
+    )

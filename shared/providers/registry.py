@@ -1,0 +1,33 @@
+"""Building the provider a batch names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from shared.providers.base import BatchProvider
+from shared.settings import Settings
+
+PROVIDER_NAMES = ("local", "together")
+
+
+class UnknownProvider(ValueError):
+    """A batch or request named a provider batchbridge does not have."""
+
+
+def build_provider(
+    name: str, settings: Settings, *, dispatch: Callable[[str], None] | None = None
+) -> BatchProvider:
+    """The provider called ``name``; ``dispatch`` runs local batches (see LocalProvider)."""
+    if name == "local":
+        from shared.providers.local import LocalProvider, LocalStore
+
+        return LocalProvider(LocalStore(local_provider_root(settings)), dispatch=dispatch)
+    if name == "together":
+        raise UnknownProvider("the together provider is not available yet")
+    raise UnknownProvider(f"provider must be one of {PROVIDER_NAMES} (got {name!r})")
+
+
+def local_provider_root(settings: Settings) -> Path:
+    """Where the local provider keeps its files and jobs."""
+    return settings.data_dir / "local_provider"

@@ -1,0 +1,121 @@
+"""Where batchbridge keeps things in Redis, and the Lua scripts that change them atomically.
+
+Every key starts with the configured prefix (default ``bb``):
+
+``{p}:req:{id}``            hash    one request: state, buf, enq, size, cbq, meta, batch, result ...
+``{p}:body:{id}``           string  the request's body JSON until it has an outcome
+``{p}:idem:{key}``          string  idempotency key -> request id (expires)
+``{p}:pending:{buf}``       zset    the pending buffer of one (provider, model), by enqueue ms
+``{p}:buffers``             hash    buf -> bytes of JSONL waiting; its fields list the buffers
+``{p}:claim:{batch}``       hash    an uncommitted claim: buf, count, bytes, at
+``{p}:claim:{batch}:ids``   list    the request ids of that claim, in file order
+``{p}:claims``              zset    batch ids of uncommitted claims, by claim time
+``{p}:cb:{queue}``          stream  a callback queue (consumer group ``consumers``)
+``{p}:lock:{name}``         string  short leases that keep periodic work single-flight
+``{p}:wake:{buf}``          string  debounces aggregator wake-ups sent by producers
+
+A request's state in Redis moves ``pending -> batched -> done``; ``batched -> pending`` when a
+claim is abandoned or a retryable failure sends it round again; ``pending -> done`` on cancel.
+``buf`` is ``"{provider}:{model}"``; provider names never contain a colon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis import Redis
+from redis.commands.core import Script
+
+CALLBACK_GROUP = "consumers"
+_SCRIPT_NAMES = ("enqueue", "claim", "unclaim", "requeue", "finish", "release_lease")
+
+
+def buffer_name(provider: str, model: str) -> str:
+    """The name of the pending buffer for one (provider, model)."""
+    return f"{provider}:{model}"
+
+
+def split_buffer_name(buf: str) -> tuple[str, str]:
+    """Inverse of :func:`buffer_name`."""
+    provider, _, model = buf.partition(":")
+    return provider, model
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Builds the key names for one prefix."""
+
+    prefix: str = "bb"
+
+    @property
+    def base(self) -> str:
+        """The prefix with its trailing colon, as the Lua scripts expect it."""
+        return f"{self.prefix}:"
+
+    def request(self, request_id: str) -> str:
+        """Hash holding one request."""
+        return f"{self.prefix}:req:{request_id}"
+
+    def body(self, request_id: str) -> str:
+        """String holding one request's body JSON."""
+        return f"{self.prefix}:body:{request_id}"
+
+    def idempotency(self, key: str) -> str:
+        """String mapping an idempotency key to its request id."""
+        return f"{self.prefix}:idem:{key}"
+
+    def pending(self, buf: str) -> str:
+        """Sorted set of request ids waiting in one buffer."""
+        return f"{self.prefix}:pending:{buf}"
+
+    @property
+    def buffers(self) -> str:
+        """Hash of buffer name -> pending bytes."""
+        return f"{self.prefix}:buffers"
+
+    def claim(self, batch_id: str) -> str:
+        """Hash describing an uncommitted claim."""
+        return f"{self.prefix}:claim:{batch_id}"
+
+    def claim_ids(self, batch_id: str) -> str:
+        """List of the request ids in an uncommitted claim."""
+        return f"{self.prefix}:claim:{batch_id}:ids"
+
+    @property
+    def claims(self) -> str:
+        """Sorted set of uncommitted claims by claim time."""
+        return f"{self.prefix}:claims"
+
+    def callback(self, queue: str) -> str:
+        """Stream backing one callback queue."""
+        return f"{self.prefix}:cb:{queue}"
+
+    def lock(self, name: str) -> str:
+        """A short lease."""
+        return f"{self.prefix}:lock:{name}"
+
+    def wake(self, buf: str) -> str:
+        """Debounce marker for aggregator wake-ups of one buffer."""
+        return f"{self.prefix}:wake:{buf}"
+
+
+class Scripts:
+    """The Lua scripts, read from their ``.lua`` files once and registered on a client."""
+
+    def __init__(self, client: Redis) -> None:
+        folder = resources.files("shared") / "redis_scripts"
+        self._scripts: dict[str, Script] = {
+            name: client.register_script((folder / f"{name}.lua").read_text("utf-8"))
+            for name in _SCRIPT_NAMES
+        }
+
+    def run(self, name: str, keys: list[str], args: list[Any], client: Any | None = None) -> Any:
+        """Run one script (EVALSHA, loading it on first use) on ``client`` or a pipeline."""
+        return self._scripts[name](keys=keys, args=args, client=client)
+
+
+def text(value: Any) -> str:
+    """A Redis reply value as str (replies are bytes; typed stubs also allow str)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

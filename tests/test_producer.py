@@ -1,0 +1,128 @@
+"""Producer scenarios against a real Redis: enqueue, idempotency, validation, cancel, status."""
+
+from __future__ import annotations
+
+import pytest
+from redis import Redis
+
+from producer import InvalidRequest, Producer
+from shared.redis_layout import Keys, buffer_name
+from shared.settings import Settings
+
+MESSAGES = [{"role": "user", "content": "Is this review positive? 'Great kettle.'"}]
+
+
+@pytest.fixture
+def producer(settings: Settings) -> Producer:
+    p = Producer(settings=settings)
+    yield p
+    p.close()
+
+
+def pending_ids(client: Redis, provider: str, model: str) -> list[str]:
+    return [m.decode() for m in client.zrange(Keys().pending(buffer_name(provider, model)), 0, -1)]
+
+
+def test_submit_records_request_and_appends_to_its_model_buffer(
+    producer: Producer, redis_client: Redis
+) -> None:
+    # Given a producer, when it submits one request
+    handle = producer.submit("m-a", MESSAGES, max_tokens=5, callback_queue="svc", temperature=0)
+
+    # Then the request is pending in the (local, m-a) buffer with its body stored
+    assert handle.status() == "pending"
+    assert pending_ids(redis_client, "local", "m-a") == [handle.id]
+    body = redis_client.get(Keys().body(handle.id))
+    assert body is not None and b'"temperature":0' in body and b'"max_tokens":5' in body
+    assert int(redis_client.hget(Keys().buffers, "local:m-a")) > len(body)
+
+
+def test_same_idempotency_key_returns_same_id_and_enqueues_once(
+    producer: Producer, redis_client: Redis
+) -> None:
+    first = producer.submit("m-a", MESSAGES, idempotency_key="order-17")
+    again = producer.submit("m-a", MESSAGES, idempotency_key="order-17")
+    many = producer.submit_many(
+        [
+            {"model": "m-a", "messages": MESSAGES, "idempotency_key": "order-17"},
+            {"model": "m-a", "messages": MESSAGES, "idempotency_key": "order-18"},
+            {"model": "m-a", "messages": MESSAGES, "idempotency_key": "order-18"},
+        ]
+    )
+    assert again.id == first.id == many[0].id
+    assert many[1].id == many[2].id != first.id
+    assert sorted(pending_ids(redis_client, "local", "m-a")) == sorted({first.id, many[1].id})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "rule"),
+    [
+        ({"messages": []}, "messages", "non-empty"),
+        ({"messages": "hello"}, "messages", "valid list"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role", "required"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "'user'"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content", ""),
+        ({"max_tokens": 0}, "max_tokens", "greater than 0"),
+        ({"max_tokens": -5}, "max_tokens", "greater than 0"),
+        ({"temperature": object()}, "temperature", "JSON-serialisable"),
+        ({"metadata": {"when": object()}}, "metadata.when", "JSON-serialisable"),
+        ({"idempotency_key": "k" * 129}, "idempotency_key", "pattern"),
+        ({"idempotency_key": "has space"}, "idempotency_key", "pattern"),
+        ({"callback_queue": "bad/queue"}, "callback_queue", "pattern"),
+        ({"provider": "openai"}, "provider", "'local'"),
+        ({"stream": True}, "stream", "not allowed"),
+        ({"messages": [{"role": "user", "content": "x" * 2_000_000}]}, "messages", "limit"),
+    ],
+)
+def test_invalid_request_names_field_and_rule_and_writes_nothing(
+    producer: Producer, redis_client: Redis, kwargs: dict[str, object], field: str, rule: str
+) -> None:
+    request: dict[str, object] = {"model": "m-a", "messages": MESSAGES, **kwargs}
+    with pytest.raises(InvalidRequest) as err:
+        producer.submit(**request)  # type: ignore[arg-type]
+    assert err.value.field == field
+    assert rule in err.value.rule
+    assert redis_client.dbsize() == 0
+
+
+def test_submit_many_validates_everything_before_writing_anything(
+    producer: Producer, redis_client: Redis
+) -> None:
+    good = {"model": "m-a", "messages": MESSAGES}
+    bad = {"model": "m-a", "messages": [], "idempotency_key": "x"}
+    with pytest.raises(InvalidRequest) as err:
+        producer.submit_many([good, good, bad])
+    assert err.value.field == "requests[2].messages"
+    assert redis_client.dbsize() == 0
+
+
+def test_submit_many_spreads_over_buffers_per_provider_and_model(
+    producer: Producer, redis_client: Redis
+) -> None:
+    handles = producer.submit_many(
+        [{"model": f"m-{i % 3}", "messages": MESSAGES} for i in range(2500)]
+    )
+    assert len({h.id for h in handles}) == 2500
+    for model in ("m-0", "m-1", "m-2"):
+        assert len(pending_ids(redis_client, "local", model)) in (833, 834)
+
+
+def test_cancel_pending_request_delivers_cancelled_result_once(
+    producer: Producer, redis_client: Redis
+) -> None:
+    handle = producer.submit("m-a", MESSAGES, callback_queue="svc")
+    assert producer.cancel(handle.id) is True
+    assert producer.cancel(handle.id) is False
+    assert handle.status() == "cancelled"
+    result = handle.wait(timeout=1)
+    assert result.status == "cancelled" and result.error is not None
+    assert pending_ids(redis_client, "local", "m-a") == []
+    assert int(redis_client.hget(Keys().buffers, "local:m-a")) == 0
+    assert redis_client.xlen(Keys().callback("svc")) == 1
+
+
+def test_wait_times_out_for_a_request_without_result(producer: Producer) -> None:
+    handle = producer.submit("m-a", MESSAGES)
+    with pytest.raises(TimeoutError):
+        handle.wait(timeout=0.2)
+    assert producer.state("no-such-id") == "unknown"

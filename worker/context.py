@@ -1,0 +1,87 @@
+"""What the worker's plain functions operate on: settings, Redis, the database, providers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redis import Redis
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from shared.db import make_engine
+from shared.embedded_redis import resolve_redis_url
+from shared.providers.base import BatchProvider
+from shared.providers.registry import build_provider
+from shared.redis_layout import Keys, Scripts
+from shared.settings import Settings
+
+
+@dataclass
+class WorkerContext:
+    """Per-process resources; build one per process (connections do not survive fork)."""
+
+    settings: Settings
+    redis: Redis
+    engine: Engine
+    dispatch_local: Callable[[str], None] | None = None
+    keys: Keys = field(init=False)
+    scripts: Scripts = field(init=False)
+    _providers: dict[str, BatchProvider] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = Keys(self.settings.key_prefix)
+        self.scripts = Scripts(self.redis)
+
+    @classmethod
+    def create(
+        cls, settings: Settings, *, dispatch_local: Callable[[str], None] | None = None
+    ) -> WorkerContext:
+        """Connect to Redis and the database named by ``settings``."""
+        redis = Redis.from_url(resolve_redis_url(settings))
+        return cls(settings, redis, make_engine(settings), dispatch_local)
+
+    def provider(self, name: str) -> BatchProvider:
+        """The provider called ``name``, built once per process."""
+        with self._lock:
+            if name not in self._providers:
+                self._providers[name] = build_provider(
+                    name, self.settings, dispatch=self.dispatch_local
+                )
+            return self._providers[name]
+
+    def session(self) -> Session:
+        """A new database session."""
+        return Session(self.engine, expire_on_commit=False)
+
+    @property
+    def batch_dir(self) -> Path:
+        """Where packed input files are written."""
+        return self.settings.data_dir / "batches"
+
+    @property
+    def results_dir(self) -> Path:
+        """Where downloaded output and error files are kept while being fanned out."""
+        return self.settings.data_dir / "results"
+
+    @contextlib.contextmanager
+    def lease(self, name: str, seconds: float) -> Iterator[bool]:
+        """A best-effort single-flight lease: yields False if someone else holds it."""
+        key = self.keys.lock(name)
+        token = f"{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}".encode()
+        acquired = bool(self.redis.set(key, token, nx=True, px=int(seconds * 1000)))
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                self.scripts.run("release_lease", [key], [token])
+
+    def close(self) -> None:
+        """Release connections."""
+        self.redis.close()
+        self.engine.dispose()

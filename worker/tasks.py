@@ -1,0 +1,134 @@
+"""Celery tasks: thin, idempotent shells that wake the plain functions up.
+
+No task carries state: each re-reads Redis and SQL and does whatever is due, so a lost,
+late or repeated message only costs latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from shared import task_names
+from shared.db import poll_now
+from shared.providers.base import ProviderBatchStatus
+from shared.providers.local import LocalProvider, get_engine, run_job
+from shared.settings import Settings
+from worker.app import app
+from worker.collection import collect_ready_batches
+from worker.context import WorkerContext
+from worker.lifecycle import poll_due_batches, submit_ready_batches
+from worker.packing import pack_due_buffers
+from worker.reaper import reap_abandoned_claims
+
+log = logging.getLogger(__name__)
+_contexts: dict[int, WorkerContext] = {}
+
+
+def context() -> WorkerContext:
+    """This process's context; rebuilt after a fork, since connections cannot be shared."""
+    pid = os.getpid()
+    ctx = _contexts.get(pid)
+    if ctx is None:
+        settings: Settings = app.conf.batchbridge_settings
+        ctx = WorkerContext.create(settings, dispatch_local=_dispatch_local)
+        _contexts.clear()
+        _contexts[pid] = ctx
+    return ctx
+
+
+def wake(task: str, **kwargs: object) -> None:
+    """Send a wake-up for ``task`` now rather than at its next beat."""
+    app.send_task(task, kwargs=kwargs, queue=task_names.QUEUE, expires=60)
+
+
+def _dispatch_local(job_id: str) -> None:
+    app.send_task(task_names.LOCAL_RUN, args=[job_id], queue=task_names.QUEUE)
+
+
+@app.task(name=task_names.AGGREGATE)
+def aggregate(force: bool = False) -> int:
+    """Pack every due buffer into batch files; returns how many batches were packed."""
+    ctx = context()
+    with ctx.lease("aggregate", ctx.settings.task_time_limit_seconds) as mine:
+        if not mine:
+            return 0
+        packed = pack_due_buffers(ctx, force=force)
+    if packed:
+        wake(task_names.SUBMIT)
+    return len(packed)
+
+
+@app.task(name=task_names.SUBMIT)
+def submit() -> int:
+    """Upload and create provider jobs for packed batches."""
+    return len(submit_ready_batches(context()))
+
+
+@app.task(name=task_names.POLL)
+def poll() -> int:
+    """Poll submitted batches that are due; wake the collector for finished ones."""
+    finished = poll_due_batches(context())
+    if finished:
+        wake(task_names.COLLECT)
+    return len(finished)
+
+
+@app.task(name=task_names.COLLECT)
+def collect() -> int:
+    """Fan out the results of batches the provider has finished."""
+    collected = collect_ready_batches(context())
+    if collected:
+        # Requests sent round again should not wait for a full beat.
+        wake(task_names.AGGREGATE)
+    return len(collected)
+
+
+@app.task(name=task_names.REAP)
+def reap() -> int:
+    """Return abandoned claims to their buffers."""
+    return reap_abandoned_claims(context())
+
+
+@app.task(name=task_names.LOCAL_RUN)
+def local_run(job_id: str) -> str:
+    """Execute one local-provider batch job with the configured engine."""
+    ctx = context()
+    provider = ctx.provider("local")
+    assert isinstance(provider, LocalProvider)
+    with ctx.lease(f"local:{job_id}", ctx.settings.task_time_limit_seconds) as mine:
+        if not mine:
+            return "busy"
+        job = run_job(
+            provider.store,
+            job_id,
+            get_engine(ctx.settings.local_engine),
+            line_delay=ctx.settings.local_line_delay_seconds,
+        )
+    # Batches are polled on a timer; a local job can say at once that it is done.
+    with ctx.session() as session:
+        poll_now(session, job_id)
+        session.commit()
+    wake(task_names.POLL)
+    return job.status
+
+
+@app.task(name=task_names.LOCAL_SWEEP)
+def local_sweep() -> int:
+    """Re-dispatch local jobs whose run message was lost (none running, not finished)."""
+    ctx = context()
+    provider = ctx.provider("local")
+    assert isinstance(provider, LocalProvider)
+    redispatched = 0
+    now = time.time()
+    for job in provider.list_batches():
+        if job.status.is_terminal or job.status == ProviderBatchStatus.UNKNOWN:
+            continue
+        if job.created_at is not None and now - job.created_at.timestamp() < 30:
+            continue
+        if ctx.redis.exists(ctx.keys.lock(f"local:{job.id}")):
+            continue
+        _dispatch_local(job.id)
+        redispatched += 1
+    return redispatched
