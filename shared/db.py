@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, event, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import Session, SQLModel, create_engine, select
 
@@ -30,8 +31,16 @@ def make_engine(settings: Settings) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    SQLModel.metadata.create_all(engine)
+    create_tables(engine)
     return engine
+
+
+def create_tables(engine: Engine) -> None:
+    """Create missing tables; tolerates another process creating them at the same moment."""
+    try:
+        SQLModel.metadata.create_all(engine)
+    except (OperationalError, ProgrammingError, IntegrityError):
+        SQLModel.metadata.create_all(engine)  # the other process won; now they all exist
 
 
 def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

@@ -12,8 +12,8 @@ from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
-    """Now in UTC, naive: the one clock the record uses, stored alike by SQLite and PostgreSQL."""
-    return datetime.now(UTC).replace(tzinfo=None)
+    """Now, timezone-aware in UTC: the one clock the record uses."""
+    return datetime.now(UTC)
 
 
 class BatchState(enum.StrEnum):

@@ -69,7 +69,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     """Claim and pack one batch from ``buf`` if it is due; None if it is not."""
     s = ctx.settings
     batch_id = new_batch_id()
-    count, size, reason = ctx.scripts.run(
+    count, size, raw_reason = ctx.scripts.run(
         "claim",
         [
             ctx.keys.pending(buf),
@@ -91,6 +91,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     )
     if not count:
         return None
+    reason = text(raw_reason)
     provider, model = split_buffer_name(buf)
     path = ctx.batch_dir / provider / f"{batch_id}.jsonl"
     rows = write_batch_file(ctx, batch_id, path)
@@ -101,7 +102,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         state=BatchState.PACKED.value,
         request_count=len(rows),
         bytes=path.stat().st_size,
-        flush_reason=reason.decode(),
+        flush_reason=reason,
         file_path=str(path),
         next_poll_at=utcnow(),
     )
@@ -120,7 +121,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         return None
     release_claim(ctx, batch_id)
     log.info("packed batch %s: %d requests, %d bytes (%s)", batch_id, count, size, reason)
-    return PackedBatch(batch_id, provider, model, len(rows), batch.bytes, reason.decode(), path)
+    return PackedBatch(batch_id, provider, model, len(rows), batch.bytes, reason, path)
 
 
 def write_batch_file(ctx: WorkerContext, batch_id: str, path: Path) -> list[dict[str, Any]]:
@@ -173,7 +174,7 @@ def _write_chunk(
 
 
 def _from_ms(raw: bytes | None) -> datetime:
-    return datetime.fromtimestamp(int(raw or 0) / 1000, UTC).replace(tzinfo=None)
+    return datetime.fromtimestamp(int(raw or 0) / 1000, UTC)
 
 
 def release_claim(ctx: WorkerContext, batch_id: str) -> None:

@@ -10,8 +10,10 @@ import logging
 import os
 import time
 
+from celery import signals
+
 from shared import task_names
-from shared.db import poll_now
+from shared.db import make_engine, poll_now
 from shared.providers.base import ProviderBatchStatus
 from shared.providers.local import LocalProvider, get_engine, run_job
 from shared.settings import Settings
@@ -36,6 +38,12 @@ def context() -> WorkerContext:
         _contexts.clear()
         _contexts[pid] = ctx
     return ctx
+
+
+@signals.worker_init.connect
+def _create_tables(**_: object) -> None:
+    # Once in the parent, before the pool forks, so children never race to create tables.
+    make_engine(app.conf.batchbridge_settings).dispose()
 
 
 def wake(task: str, **kwargs: object) -> None:
