@@ -1,0 +1,1 @@
+"""The Celery worker: the aggregator, the batch lifecycle tasks and the CLI."""
