@@ -2,10 +2,11 @@
 
 Every key starts with the configured prefix (default ``bb``):
 
-``{p}:req:{id}``            hash    one request: state, buf, enq, size, cbq, meta, batch, result ...
+``{p}:req:{id}``            hash    one request: state, buf, enq (ms), seq, size, cbq, meta, batch ...
 ``{p}:body:{id}``           string  the request's body JSON until it has an outcome
 ``{p}:idem:{key}``          string  idempotency key -> request id (expires)
-``{p}:pending:{buf}``       zset    the pending buffer of one (provider, model), by enqueue ms
+``{p}:pending:{buf}``       zset    the pending buffer of one (provider, model), by enqueue seq
+``{p}:seq``                 string  enqueue sequence counter (keeps buffers first-in first-out)
 ``{p}:buffers``             hash    buf -> bytes of JSONL waiting; its fields list the buffers
 ``{p}:claim:{batch}``       hash    an uncommitted claim: buf, count, bytes, at
 ``{p}:claim:{batch}:ids``   list    the request ids of that claim, in file order

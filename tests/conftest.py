@@ -12,7 +12,9 @@ from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
 from shared.embedded_redis import EmbeddedRedis
+from shared.providers.local import EchoEngine, LocalProvider, run_job
 from shared.settings import Settings
+from worker.context import WorkerContext
 
 PG_URL = os.environ.get("BATCHBRIDGE_TEST_DATABASE_URL")
 
@@ -87,3 +89,22 @@ def make_settings(redis_url: str, data_dir: Path, **overrides: object) -> Settin
 def settings(redis_url: str, tmp_path: Path) -> Settings:
     """Settings on the test Redis with SQLite in the test's folder."""
     return make_settings(redis_url, tmp_path)
+
+
+@pytest.fixture
+def worker_context(redis_url: str, tmp_path: Path, database_url: str) -> Iterator[WorkerContext]:
+    """A worker's context in this process, on the test Redis and database; local jobs wait."""
+    ctx = WorkerContext.create(make_settings(redis_url, tmp_path, database_url=database_url))
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+def run_local_jobs(ctx: WorkerContext) -> None:
+    """Run every local-provider job that is not finished, as the worker's task would."""
+    provider = ctx.provider("local")
+    assert isinstance(provider, LocalProvider)
+    for job in provider.store.list_jobs():
+        if not job.is_terminal:
+            run_job(provider.store, job.id, EchoEngine())

@@ -31,7 +31,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             count = int(client.zcard(keys.pending(buf)))
             if not count:
                 continue
-            oldest: Any = client.zrange(keys.pending(buf), 0, 0, withscores=True)
+            first: Any = client.zrange(keys.pending(buf), 0, 0)
+            enq: Any = client.hget(keys.request(text(first[0])), "enq") if first else None
             provider, model = split_buffer_name(buf)
             pending.append(
                 {
@@ -39,7 +40,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                     "model": model,
                     "count": count,
                     "bytes": int(raw_bytes),
-                    "oldest_age_seconds": round((now_ms - oldest[0][1]) / 1000, 1),
+                    "oldest_age_seconds": round((now_ms - int(enq or now_ms)) / 1000, 1),
                 }
             )
         claims = int(client.zcard(keys.claims))

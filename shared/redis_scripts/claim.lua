@@ -1,6 +1,6 @@
 -- Claim the oldest requests of one pending buffer for a new batch, if the buffer is due.
 --
--- KEYS[1]  {p}:pending:{buf}       zset    request ids scored by enqueue time (ms)
+-- KEYS[1]  {p}:pending:{buf}       zset    request ids scored by enqueue sequence
 -- KEYS[2]  {p}:buffers             hash    buf -> bytes of JSONL waiting in that buffer
 -- KEYS[3]  {p}:claim:{batch}:ids   list    the claimed request ids, in file order
 -- KEYS[4]  {p}:claim:{batch}       hash    buf, count, bytes, at: the claim's description
@@ -16,7 +16,8 @@ local now = tonumber(ARGV[7])
 local n = redis.call('ZCARD', KEYS[1])
 if n == 0 then return {0, 0, ''} end
 local bytes = tonumber(redis.call('HGET', KEYS[2], buf) or '0')
-local oldest = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2])
+local first = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+local oldest = tonumber(redis.call('HGET', prefix .. 'req:' .. first, 'enq') or now)
 local reason = ''
 if n >= max_n then reason = 'count'
 elseif bytes >= max_bytes then reason = 'bytes'

@@ -6,13 +6,16 @@
 --          {p}:body:{id}           string  the request body JSON, kept apart so the packer can
 --                                          MGET many at once
 --          {p}:idem:{key}          string  idempotency key -> request id
---          {p}:pending:{buf}       zset    request ids scored by enqueue time (ms)
+--          {p}:pending:{buf}       zset    request ids scored by enqueue sequence (FIFO)
+--          {p}:seq                 string  the enqueue sequence counter
 -- ARGV[1]  key prefix ("{p}:")     ARGV[2] now (ms)     ARGV[3] idempotency TTL (s)
 -- ARGV[4..] 7 values per request: id, buf, line size, idempotency key ('' for none),
 --          body JSON, callback queue, metadata JSON
 -- Returns a flat array: number of buffers touched B, then B pairs (buf, count after), then
 -- pairs (1-based request position, existing id) for requests whose idempotency key was taken.
 local prefix, now, ttl = ARGV[1], ARGV[2], ARGV[3]
+-- One sequence range per call keeps buffers first-in first-out even within a millisecond.
+local seq = redis.call('INCRBY', prefix .. 'seq', (#ARGV - 3) / 7) - (#ARGV - 3) / 7
 local by_buf, bytes_by_buf, order = {}, {}, {}
 local repeats = {}
 local position = 0
@@ -30,7 +33,8 @@ for i = 4, #ARGV, 7 do
     repeats[#repeats + 1] = existing
   else
     local req = prefix .. 'req:' .. id
-    redis.call('HSET', req, 'state', 'pending', 'enq', now, 'size', size, 'buf', buf)
+    redis.call('HSET', req, 'state', 'pending', 'enq', now, 'seq', seq + position,
+               'size', size, 'buf', buf)
     if ARGV[i + 5] ~= '' then redis.call('HSET', req, 'cbq', ARGV[i + 5]) end
     if ARGV[i + 6] ~= '' then redis.call('HSET', req, 'meta', ARGV[i + 6]) end
     redis.call('SET', prefix .. 'body:' .. id, ARGV[i + 4])
@@ -41,7 +45,7 @@ for i = 4, #ARGV, 7 do
       bytes_by_buf[buf] = 0
       order[#order + 1] = buf
     end
-    members[#members + 1] = now
+    members[#members + 1] = seq + position
     members[#members + 1] = id
     bytes_by_buf[buf] = bytes_by_buf[buf] + tonumber(size)
   end

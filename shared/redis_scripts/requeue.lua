@@ -9,7 +9,7 @@ local prefix, batch = ARGV[1], ARGV[2]
 local requeued = 0
 for i = 3, #ARGV do
   local req = prefix .. 'req:' .. ARGV[i]
-  local f = redis.call('HMGET', req, 'state', 'batch', 'enq', 'size', 'buf')
+  local f = redis.call('HMGET', req, 'state', 'batch', 'seq', 'size', 'buf')
   if f[1] == 'batched' and f[2] == batch then
     redis.call('HSET', req, 'state', 'pending', 'batch', '')
     redis.call('HINCRBY', req, 'attempts', 1)

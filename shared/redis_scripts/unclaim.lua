@@ -14,7 +14,7 @@ if buf then
   local ids = redis.call('LRANGE', KEYS[1], 0, -1)
   for i = 1, #ids do
     local req = prefix .. 'req:' .. ids[i]
-    local f = redis.call('HMGET', req, 'state', 'batch', 'enq', 'size')
+    local f = redis.call('HMGET', req, 'state', 'batch', 'seq', 'size')
     if f[1] == 'batched' and f[2] == batch then
       redis.call('HSET', req, 'state', 'pending', 'batch', '')
       redis.call('ZADD', pending, f[3], ids[i])

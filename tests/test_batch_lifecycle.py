@@ -1,0 +1,260 @@
+"""Batch lifecycle scenarios in one process: submit, poll, collect, retry, cancel, reconcile."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from sqlmodel import select
+
+from producer import CallbackQueue, Producer, Result
+from shared.models import Batch, BatchState, Request
+from shared.providers.local import LocalProvider
+from shared.redis_layout import buffer_name
+from tests.conftest import run_local_jobs
+from worker import collection
+from worker.collection import collect_batch, collect_ready_batches, parse_result_line
+from worker.context import WorkerContext
+from worker.lifecycle import poll_due_batches, submit_batch, submit_ready_batches
+from worker.packing import pack_due_buffers
+
+MESSAGES = [{"role": "user", "content": "Is 'great value' positive?"}]
+
+
+@pytest.fixture
+def ctx(worker_context: WorkerContext) -> WorkerContext:
+    worker_context.settings = worker_context.settings.model_copy(
+        update={"max_batch_requests": 10, "poll_interval_seconds": 0.01}
+    )
+    return worker_context
+
+
+def submit(ctx: WorkerContext, n: int) -> list[str]:
+    producer = Producer(settings=ctx.settings, client=ctx.redis)
+    requests = [
+        {"model": "m-a", "messages": MESSAGES, "callback_queue": "svc", "metadata": {"i": i}}
+        for i in range(n)
+    ]
+    return [h.id for h in producer.submit_many(requests)]
+
+
+def local(ctx: WorkerContext) -> LocalProvider:
+    provider = ctx.provider("local")
+    assert isinstance(provider, LocalProvider)
+    return provider
+
+
+def drive(ctx: WorkerContext) -> None:
+    """One pass of every periodic step, with the local jobs run in between."""
+    pack_due_buffers(ctx)
+    submit_ready_batches(ctx)
+    run_local_jobs(ctx)
+    time.sleep(0.02)
+    poll_due_batches(ctx)
+    collect_ready_batches(ctx)
+
+
+def delivered(ctx: WorkerContext) -> list[Result]:
+    queue = CallbackQueue("svc", settings=ctx.settings, client=ctx.redis)
+    results = []
+    while (delivery := queue.get(timeout=0.05)) is not None:
+        results.append(delivery.result)
+        delivery.ack()
+    return results
+
+
+def test_a_batch_goes_from_buffer_to_callback_queue(ctx: WorkerContext) -> None:
+    ids = submit(ctx, 10)
+    drive(ctx)
+    results = delivered(ctx)
+    assert sorted(r.request_id for r in results) == sorted(ids)
+    assert {r.status for r in results} == {"completed"}
+    assert all(r.usage and r.usage["total_tokens"] > 0 for r in results)
+    assert {r.attempts for r in results} == {1}
+    with ctx.session() as session:
+        (batch,) = session.exec(select(Batch))
+        rows = list(session.exec(select(Request)))
+    assert batch.state == BatchState.FINISHED and batch.outcome == "completed"
+    assert batch.completed_count == 10 and batch.prompt_tokens > 0
+    assert {r.state for r in rows} == {"completed"}
+    # the input file and downloads are cleaned up once the batch is finished
+    assert not Path(batch.file_path).exists()
+    assert list(ctx.results_dir.iterdir()) == []
+
+
+def test_collecting_again_after_a_crash_delivers_nothing_twice(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a collector that dies after fanning out but before finishing the batch
+    submit(ctx, 10)
+    pack_due_buffers(ctx)
+    submit_ready_batches(ctx)
+    run_local_jobs(ctx)
+    time.sleep(0.02)
+    poll_due_batches(ctx)
+
+    def crash(*_a: object, **_k: object) -> None:
+        raise RuntimeError("worker lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(collection, "_finish_batch", crash)
+        with pytest.raises(RuntimeError):
+            collect_ready_batches(ctx)
+    first = delivered(ctx)
+
+    # When the collection runs again (a redelivered task)
+    collect_ready_batches(ctx)
+
+    # Then nothing more is delivered and the batch is finished
+    assert len(first) == 10
+    assert delivered(ctx) == []
+    with ctx.session() as session:
+        (batch,) = session.exec(select(Batch))
+    assert batch.state == BatchState.FINISHED and batch.completed_count == 10
+
+
+def rewrite_result(ctx: WorkerContext, request_id: str, error: dict[str, str]) -> None:
+    """Move one request's line from its job's output file to its error file, as a failure."""
+    provider = local(ctx)
+    job = max(provider.store.list_jobs(), key=lambda j: j.created_at)
+    assert job.output_file_id and job.error_file_id
+    out = provider.store.file_path(job.output_file_id)
+    kept = [ln for ln in out.read_bytes().splitlines() if request_id.encode() not in ln]
+    out.write_bytes(b"".join(ln + b"\n" for ln in kept))
+    err = provider.store.file_path(job.error_file_id)
+    line = orjson.dumps({"custom_id": request_id, "error": error})
+    err.write_bytes(err.read_bytes() + line + b"\n")
+
+
+def test_retryable_line_error_requeues_until_attempts_run_out(ctx: WorkerContext) -> None:
+    ctx.settings = ctx.settings.model_copy(update={"max_attempts": 2, "max_wait_seconds": 0.01})
+    ids = submit(ctx, 10)
+    victim = ids[3]
+    for attempt in (1, 2):
+        pack_due_buffers(ctx)
+        submit_ready_batches(ctx)
+        run_local_jobs(ctx)
+        rewrite_result(ctx, victim, {"code": "rate_limit", "message": "slow down"})
+        time.sleep(0.02)
+        poll_due_batches(ctx)
+        collect_ready_batches(ctx)
+        results = {r.request_id: r for r in delivered(ctx)}
+        if attempt == 1:
+            # the other nine are done; the victim is pending again for another batch
+            assert len(results) == 9 and victim not in results
+            assert ctx.redis.zrange(ctx.keys.pending(buffer_name("local", "m-a")), 0, -1) == [
+                victim.encode()
+            ]
+    # After the second failure it is out of attempts and fails with the provider's reason
+    assert set(results) == {victim}
+    failed = results[victim]
+    assert failed.status == "failed" and failed.attempts == 2
+    assert failed.error is not None and failed.error.code == "rate_limit"
+    with ctx.session() as session:
+        row = session.get(Request, victim)
+    assert row is not None and (row.state, row.attempts, row.error_code) == (
+        "failed",
+        2,
+        "rate_limit",
+    )
+
+
+def test_permanent_line_error_fails_the_request_at_once(ctx: WorkerContext) -> None:
+    ids = submit(ctx, 10)
+    pack_due_buffers(ctx)
+    submit_ready_batches(ctx)
+    run_local_jobs(ctx)
+    rewrite_result(ctx, ids[0], {"code": "invalid_request", "message": "bad body"})
+    time.sleep(0.02)
+    poll_due_batches(ctx)
+    collect_ready_batches(ctx)
+    results = {r.request_id: r for r in delivered(ctx)}
+    assert len(results) == 10
+    assert results[ids[0]].status == "failed"
+    assert results[ids[0]].error is not None and results[ids[0]].error.message == "bad body"
+
+
+def test_cancelled_batch_gives_every_request_a_cancelled_result(ctx: WorkerContext) -> None:
+    ids = submit(ctx, 10)
+    pack_due_buffers(ctx)
+    submit_ready_batches(ctx)
+    with ctx.session() as session:
+        (batch,) = session.exec(select(Batch))
+    assert batch.provider_batch_id is not None
+    local(ctx).cancel_batch(batch.provider_batch_id)
+    time.sleep(0.02)
+    poll_due_batches(ctx)
+    collect_ready_batches(ctx)
+    results = delivered(ctx)
+    assert sorted(r.request_id for r in results) == sorted(ids)
+    assert {(r.status, r.error.code if r.error else None) for r in results} == {
+        ("cancelled", "batch_cancelled")
+    }
+
+
+def test_a_create_that_happened_before_a_crash_is_adopted_not_repeated(
+    ctx: WorkerContext,
+) -> None:
+    # Given a batch whose create reached the provider but whose SQL update was lost
+    submit(ctx, 10)
+    (packed,) = pack_due_buffers(ctx)
+    provider = local(ctx)
+    file_id = provider.upload_file(packed.path)
+    job = provider.create_batch(file_id, model="m-a")
+    with ctx.session() as session:
+        batch = session.get(Batch, packed.id)
+        assert batch is not None
+        batch.state, batch.provider_file_id, batch.submit_attempts = "uploaded", file_id, 1
+        session.add(batch)
+        session.commit()
+
+    # When the submitter runs again
+    assert submit_batch(ctx, packed.id) is True
+
+    # Then it adopts the existing job instead of creating (and paying for) a second one
+    with ctx.session() as session:
+        batch = session.get(Batch, packed.id)
+    assert batch is not None and batch.provider_batch_id == job.id
+    assert len(provider.list_batches()) == 1
+
+
+def test_a_batch_that_cannot_be_submitted_fails_its_requests_with_the_reason(
+    ctx: WorkerContext,
+) -> None:
+    ids = submit(ctx, 10)
+    (packed,) = pack_due_buffers(ctx)
+    packed.path.unlink()  # the upload now fails permanently
+    submit_ready_batches(ctx)
+    collect_ready_batches(ctx)
+    results = delivered(ctx)
+    assert sorted(r.request_id for r in results) == sorted(ids)
+    assert {r.status for r in results} == {"failed"}
+    assert {r.error.code for r in results if r.error} == {"batch_failed"}
+    with ctx.session() as session:
+        assert session.get(Batch, packed.id).state == BatchState.FINISHED  # type: ignore[union-attr]
+
+
+def test_result_lines_are_read_in_both_providers_shapes() -> None:
+    ok = parse_result_line("a", {"response": {"status_code": 200, "body": {"id": "x"}}})
+    assert ok.status == "completed" and ok.response == {"id": "x"}
+    together_error = parse_result_line("b", {"error": {"message": "m", "code": "timeout"}})
+    assert together_error.error is not None and together_error.retryable
+    openai_error = parse_result_line(
+        "c",
+        {
+            "response": {"status_code": 400, "body": {"error": {"message": "too long"}}},
+            "error": None,
+        },
+    )
+    assert openai_error.status == "failed" and openai_error.error is not None
+    assert (openai_error.error.code, openai_error.error.message) == ("http_400", "too long")
+    assert not openai_error.retryable
+
+
+def test_collect_batch_ignores_a_batch_not_ready_for_collection(ctx: WorkerContext) -> None:
+    submit(ctx, 10)
+    (packed,) = pack_due_buffers(ctx)
+    assert collect_batch(ctx, packed.id) is False
+    assert collect_batch(ctx, "no-such-batch") is False
