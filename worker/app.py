@@ -100,4 +100,15 @@ def create_app(settings: Settings | None = None) -> Celery:
     return app
 
 
-app = create_app()
+_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Celery:
+    # `celery -A worker.app` and the task module need a module-level `app`; building it on
+    # first use keeps importing this module (for its config functions) free of side effects.
+    global _app
+    if name != "app":
+        raise AttributeError(name)
+    if _app is None:
+        _app = create_app()
+    return _app
