@@ -79,7 +79,7 @@ def bench_redis() -> Iterator[str]:
 
 def environment(client: Redis) -> dict[str, Any]:
     """What the numbers depend on besides the code, so result files can be compared."""
-    info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
+    info: dict[str, Any] = client.info("server")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
     return {
         "python": platform.python_version(),
@@ -96,6 +96,12 @@ def environment(client: Redis) -> dict[str, Any]:
 def median(values: Sequence[float]) -> float:
     """The median, which one descheduled round on a noisy VM cannot drag."""
     return float(statistics.median(values))
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """The 25th and 75th percentiles: how far the rounds disagree, without the outliers."""
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q1, q3
 
 
 def verdict(name: str, ok: bool, detail: str) -> str:

@@ -20,6 +20,7 @@ missed. ``--profile`` prints the child's cProfile of the packing step instead of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sqlite3
@@ -54,10 +55,23 @@ def settings_overrides(redis_url: str, data_dir: str) -> dict[str, Any]:
     return {
         "redis_url": redis_url,
         "data_dir": data_dir,
+        # Explicit, so a BATCHBRIDGE_DATABASE_URL in the environment cannot redirect the run.
+        "database_url": f"sqlite:///{Path(data_dir) / 'batchbridge.sqlite3'}",
         "max_batch_requests": REQUESTS,
         "max_batch_bytes": 100_000_000,
         "provider": "local",
     }
+
+
+def proc_status_mb(field: str) -> float | None:
+    """A memory figure (``VmRSS``, ``VmHWM``) of this process from /proc, in MB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def peak_rss_mb() -> float:
@@ -66,29 +80,48 @@ def peak_rss_mb() -> float:
     VmHWM belongs to the current address space, whereas ru_maxrss can carry over the
     parent's high-water mark from before exec.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    peak = proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / (1024 * 1024) if sys.platform == "darwin" else maxrss / 1024
 
 
 def current_rss_mb() -> float:
-    """This process's resident set now, in MB."""
-    import psutil
+    """This process's resident set now, in MB (the peak so far where /proc is missing)."""
+    rss = proc_status_mb("VmRSS")
+    return peak_rss_mb() if rss is None else rss
 
-    return float(psutil.Process().memory_info().rss) / (1024 * 1024)
+
+def time_phases(module: Any, names: tuple[str, ...]) -> dict[str, float]:
+    """Accumulate the seconds spent in ``module``'s functions ``names`` while it runs.
+
+    The packer calls them by their module-level names, so wrapping them there splits its
+    time into phases without touching its code; a renamed function is simply not timed.
+    """
+    spent: dict[str, float] = {}
+    for name in names:
+        original = getattr(module, name, None)
+        if original is None:
+            continue
+
+        def timed(*args: Any, _fn: Any = original, _name: str = name, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - started
+
+        setattr(module, name, timed)
+    return spent
 
 
 def child(config: dict[str, Any]) -> dict[str, Any]:
     """Pack the buffer in this fresh process and describe what came out."""
     # Imported here, not at the top, so the parent (the filler) does not pay for them.
     from shared.settings import Settings
+    from worker import packing
     from worker.context import WorkerContext
-    from worker.packing import pack_due_buffers
 
     ctx = WorkerContext.create(Settings.load(**config["settings"]))
     try:
@@ -101,17 +134,20 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
 
             profiler = cProfile.Profile()
             started = time.perf_counter()
-            profiler.runcall(pack_due_buffers, ctx, force=True)
+            profiler.runcall(packing.pack_due_buffers, ctx, force=True)
             seconds = time.perf_counter() - started
             pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
             pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(20)
-            packed = []
-        else:
-            started = time.perf_counter()
-            packed = pack_due_buffers(ctx, force=True)
-            seconds = time.perf_counter() - started
+            return {"seconds": seconds}
+        phases = time_phases(packing, ("write_batch_file", "upsert_requests"))
+        started, cpu = time.perf_counter(), time.process_time()
+        packed = packing.pack_due_buffers(ctx, force=True)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         return {
             "seconds": seconds,
+            "cpu_seconds": cpu,
+            "file_seconds": phases.get("write_batch_file"),
+            "sql_rows_seconds": phases.get("upsert_requests"),
             "rss_before_mb": rss_before,
             "peak_before_mb": peak_before,
             "peak_rss_mb": peak_rss_mb(),
@@ -130,6 +166,8 @@ def fill(redis_url: str, data_dir: str) -> set[str]:
     from shared.settings import Settings
 
     ids: set[str] = set()
+    # The last chunk fills the buffer, so the producer also sends its aggregator wake-up over
+    # Celery, as in production; no worker listens here and the next FLUSHDB drops it.
     with Producer(settings=Settings.load(**settings_overrides(redis_url, data_dir))) as producer:
         for start in range(0, REQUESTS, FILL_CHUNK):
             batch = [chat_request(n) for n in range(start, start + FILL_CHUNK)]
@@ -160,6 +198,7 @@ def verify(result: dict[str, Any], ids: set[str], data_dir: str, redis_url: str)
     from redis import Redis
 
     from shared.redis_layout import Keys, buffer_name
+    from shared.settings import Settings
 
     batches = result["batches"]
     if len(batches) != 1 or batches[0]["count"] != REQUESTS:
@@ -182,13 +221,13 @@ def verify(result: dict[str, Any], ids: set[str], data_dir: str, redis_url: str)
     if lines != REQUESTS or seen != ids:
         raise AssertionError(f"{path} has {lines} lines for {len(ids)} submitted requests")
 
-    with sqlite3.connect(Path(data_dir) / "batchbridge.sqlite3") as db:
+    with contextlib.closing(sqlite3.connect(Path(data_dir) / "batchbridge.sqlite3")) as db:
         (rows,) = db.execute("SELECT COUNT(*) FROM requests WHERE batch_id = ?", (batch["id"],))
         (recorded,) = db.execute("SELECT request_count FROM batches WHERE id = ?", (batch["id"],))
     if rows[0] != REQUESTS or recorded[0] != REQUESTS:
         raise AssertionError(f"SQL has {rows[0]} request rows, batch says {recorded[0]}")
 
-    keys = Keys()
+    keys = Keys(Settings.load(**settings_overrides(redis_url, data_dir)).key_prefix)
     client = Redis.from_url(redis_url)
     try:
         left = client.zcard(keys.pending(buffer_name("local", MODEL)))
@@ -199,6 +238,30 @@ def verify(result: dict[str, Any], ids: set[str], data_dir: str, redis_url: str)
         raise AssertionError(f"after packing: {left} requests still pending, {claims} claims")
     path.unlink()
     return lines
+
+
+def rest_seconds(result: dict[str, Any]) -> float | None:
+    """Packing time outside the file and the request rows: claim, batch row, commit, release."""
+    known = [result["file_seconds"], result["sql_rows_seconds"]]
+    return None if None in known else result["seconds"] - sum(known)
+
+
+def describe(run: dict[str, Any]) -> list[str]:
+    """One table row: the phases, then the output and the memory (before -> peak)."""
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    return [
+        seconds(run["seconds"]),
+        seconds(run["file_seconds"]),
+        seconds(run["sql_rows_seconds"]),
+        seconds(run["rest_seconds"]),
+        seconds(run["cpu_seconds"]),
+        f"{run['file_bytes'] / 1e6:.1f}",
+        f"{run['lines']:,.0f}",
+        f"{run['rss_before_mb']:.0f} -> {run['peak_rss_mb']:.0f}",
+    ]
 
 
 def main() -> int:
@@ -230,6 +293,10 @@ def main() -> int:
             lines = verify(result, ids, data_dir, url)
             run = {
                 "seconds": result["seconds"],
+                "cpu_seconds": result["cpu_seconds"],
+                "file_seconds": result["file_seconds"],
+                "sql_rows_seconds": result["sql_rows_seconds"],
+                "rest_seconds": rest_seconds(result),
                 "file_bytes": result["batches"][0]["bytes"],
                 "lines": lines,
                 "rss_before_mb": result["rss_before_mb"],
@@ -238,11 +305,7 @@ def main() -> int:
                 "fill_seconds": fill_s,
             }
             runs.append(run)
-            print(
-                f"run {i + 1}: packed {lines:,} lines ({run['file_bytes'] / 1e6:.1f} MB) in "
-                f"{run['seconds']:.2f} s, RSS {run['rss_before_mb']:.0f} -> "
-                f"{run['peak_rss_mb']:.0f} MB peak (fill {fill_s:.1f} s, not timed)"
-            )
+            print(f"run {i + 1}: {run['seconds']:.2f} s (fill {fill_s:.1f} s, not timed)")
             flush_stdout()
         client.flushdb()
         client.close()
@@ -250,17 +313,17 @@ def main() -> int:
     seconds = median([r["seconds"] for r in runs])
     peak = median([r["peak_rss_mb"] for r in runs])
     before = median([r["rss_before_mb"] for r in runs])
+    rows = [[str(i + 1), *describe(r)] for i, r in enumerate(runs)]
+    medians = {k: median([r[k] for r in runs]) for k in runs[0] if runs[0][k] is not None}
     print(
         table(
-            ["median of runs", "value"],
-            [
-                ["pack seconds", f"{seconds:.2f}"],
-                ["requests/s", f"{REQUESTS / seconds:,.0f}"],
-                ["file MB", f"{median([r['file_bytes'] for r in runs]) / 1e6:.1f}"],
-                ["RSS before packing MB", f"{before:.0f}"],
-                ["peak RSS MB", f"{peak:.0f}"],
-            ],
+            ["run", "pack s", "file s", "SQL rows s", "rest s", "CPU s", "MB", "lines", "RSS MB"],
+            [*rows, ["median", *describe({**dict.fromkeys(runs[0]), **medians})]],
         )
+    )
+    print(
+        "file: read the claimed requests from Redis, write and fsync the JSONL\n"
+        "SQL rows: upsert_requests; rest: claim script, batch row, commit, release"
     )
     verdicts = [
         verdict(

@@ -93,17 +93,33 @@ def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     table = Request.__table__  # type: ignore[attr-defined]
-    for start in range(0, len(rows), 5000):
-        stmt = insert(table).values(list(rows[start : start + 5000]))
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["id"],
-            set_={
-                "batch_id": stmt.excluded.batch_id,
-                "state": stmt.excluded.state,
-                "attempts": stmt.excluded.attempts,
-            },
-        )
-        session.execute(stmt)
+    stmt = insert(table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["id"],
+        set_={
+            "batch_id": stmt.excluded.batch_id,
+            "state": stmt.excluded.state,
+            "attempts": stmt.excluded.attempts,
+        },
+    )
+    # Packing records up to 50,000 rows at once: compile the statement once and hand plain
+    # values to the driver's executemany, skipping SQLAlchemy's per-row processing (which
+    # tripled the time). Every value here is a str or int, which drivers take as they are.
+    # Columns the rows leave out are filled with their scalar defaults, as SQLAlchemy would.
+    defaults = {
+        c.name: c.default.arg
+        for c in table.columns
+        if c.default is not None and c.default.is_scalar and c.name not in rows[0]
+    }
+    compiled = stmt.compile(dialect=session.get_bind().dialect, column_keys=list(rows[0]))
+    if compiled.positional:
+        order = compiled.positiontup or []
+        params: list[Any] = [
+            tuple(defaults.get(k) if k not in r else r[k] for k in order) for r in rows
+        ]
+    else:
+        params = [{**defaults, **row} for row in rows]
+    session.connection().exec_driver_sql(str(compiled), params)
 
 
 def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, Any]]) -> None:

@@ -2,7 +2,7 @@
 
 Every key starts with the configured prefix (default ``bb``):
 
-``{p}:req:{id}``            hash    one request: state, buf, enq (ms), seq, size, cbq, meta, batch ...
+``{p}:req:{id}``            hash    request: state, buf, enq (ms), seq, size, cbq, meta, batch ...
 ``{p}:body:{id}``           string  the request's body JSON until it has an outcome
 ``{p}:idem:{key}``          string  idempotency key -> request id (expires)
 ``{p}:pending:{buf}``       zset    the pending buffer of one (provider, model), by enqueue seq
@@ -30,7 +30,14 @@ from redis import Redis
 from redis.commands.core import Script
 
 CALLBACK_GROUP = "consumers"
-_SCRIPT_NAMES = ("enqueue", "claim", "unclaim", "requeue", "finish", "release_lease")
+_SCRIPT_NAMES = (
+    "enqueue",
+    "claim",
+    "unclaim",
+    "requeue",
+    "finish",
+    "release_lease",
+)
 
 
 def buffer_name(provider: str, model: str) -> str:

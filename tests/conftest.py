@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from redis import Redis
 from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
-from shared.embedded_redis import EmbeddedRedis
+from shared.embedded_redis import EmbeddedRedis, child_environment, free_port
 from shared.providers.local import EchoEngine, LocalProvider, run_job
-from shared.settings import Settings
+from shared.settings import ENV_PREFIX, Settings
 from worker.context import WorkerContext
+from worker.processes import WorkerProcess
 
 PG_URL = os.environ.get("BATCHBRIDGE_TEST_DATABASE_URL")
 
@@ -108,3 +114,88 @@ def run_local_jobs(ctx: WorkerContext) -> None:
     for job in provider.store.list_jobs():
         if not job.is_terminal:
             run_job(provider.store, job.id, EchoEngine())
+
+
+WorkerFactory = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Start Celery workers (with beat) configured through the environment, as deployed."""
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings, **env_overrides: str) -> WorkerProcess:
+        assert settings.redis_url is not None
+        env = child_environment(settings, settings.redis_url)
+        for name, value in settings.model_dump(exclude_none=True).items():
+            env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        env[f"{ENV_PREFIX}DATABASE_URL"] = settings.sqlalchemy_url
+        env.update(env_overrides)
+        n = len(started)
+        process = WorkerProcess(
+            env,
+            log_path=tmp_path / f"worker-{n}.log",
+            schedule_path=tmp_path / f"beat-schedule-{n}",
+            loglevel="INFO",
+        ).start()
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()
+
+
+@dataclasses.dataclass
+class LocalApiServer:
+    """A ``batchbridge local-api`` process."""
+
+    url: str
+    api_key: str
+    process: subprocess.Popen[bytes]
+
+
+LocalApiFactory = Callable[..., LocalApiServer]
+
+
+@pytest.fixture
+def start_local_api(tmp_path: Path) -> Iterator[LocalApiFactory]:
+    """Start ``batchbridge local-api`` processes on free ports; extra args go to the CLI."""
+    started: list[LocalApiServer] = []
+
+    def start(*args: str, api_key: str = "test-key") -> LocalApiServer:
+        port = free_port()
+        n = len(started)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHBRIDGE_")}
+        env["BATCHBRIDGE_DATA_DIR"] = str(tmp_path / f"local-api-{n}")
+        log = open(tmp_path / f"local-api-{n}.log", "wb")  # noqa: SIM115 - the process owns it
+        cmd = [sys.executable, "-m", "worker.cli", "local-api", "--port", str(port)]
+        process = subprocess.Popen(
+            [*cmd, "--api-key", api_key, *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        server = LocalApiServer(f"http://127.0.0.1:{port}", api_key, process)
+        started.append(server)
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, (tmp_path / f"local-api-{n}.log").read_text()
+            try:
+                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "local-api did not become healthy"
+            time.sleep(0.1)
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.process.terminate()
+            try:
+                server.process.wait(15)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+                server.process.wait()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,9 @@ from sqlmodel import Session, select
 
 from producer import CallbackQueue, Producer, Result
 from shared.db import make_engine
-from shared.embedded_redis import child_environment
 from shared.models import Batch, BatchState
-from shared.settings import ENV_PREFIX, Settings
-from tests.conftest import make_settings
+from shared.settings import Settings
+from tests.conftest import WorkerFactory, make_settings
 from worker.processes import WorkerProcess
 
 MODELS = ("model-alpha", "model-beta")
@@ -39,23 +37,9 @@ def e2e_settings(redis_url: str, tmp_path: Path, database_url: str) -> Settings:
 
 
 @pytest.fixture
-def worker(e2e_settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
+def worker(e2e_settings: Settings, start_worker: WorkerFactory) -> WorkerProcess:
     """A Celery worker with beat, configured through the environment like a real deployment."""
-    assert e2e_settings.redis_url is not None
-    env = child_environment(e2e_settings, e2e_settings.redis_url)
-    env[f"{ENV_PREFIX}DATABASE_URL"] = e2e_settings.sqlalchemy_url
-    env[f"{ENV_PREFIX}PROVIDER"] = "local"
-    env.update({f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in FAST.items()})
-    process = WorkerProcess(
-        env,
-        log_path=tmp_path / "worker.log",
-        schedule_path=tmp_path / "beat-schedule",
-        loglevel="INFO",
-    ).start()
-    try:
-        yield process
-    finally:
-        process.stop()
+    return start_worker(e2e_settings)
 
 
 def drain(
@@ -142,7 +126,7 @@ def test_5000_requests_from_3_producers_each_arrive_exactly_once(
 
     # When the worker runs the pipeline, every result arrives on its queue exactly once
     deliveries, results = drain(e2e_settings, set(by_id), timeout=180)
-    log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+    log = (tmp_path / "worker-0.log").read_text(errors="replace")[-3000:]
     assert set(deliveries) == set(by_id), f"missing {len(set(by_id) - set(deliveries))}\n{log}"
     assert set(deliveries.values()) == {1}
 

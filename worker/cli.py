@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -153,6 +153,49 @@ def status(
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         render_status(console, report)
+
+
+@app.command("local-api")
+def local_api(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8765,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="BATCHBRIDGE_LOCAL_API_KEY", help="require this bearer token"),
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="batches run at once")] = 2,
+    fail_rate: Annotated[
+        float | None, typer.Option(help="fraction of API calls answered 429 or 500")
+    ] = None,
+    line_error_rate: Annotated[
+        float | None, typer.Option(help="fraction of lines failed with a retryable error")
+    ] = None,
+    expire_after: Annotated[
+        float | None, typer.Option(help="running batches turn EXPIRED after this many seconds")
+    ] = None,
+    line_delay: Annotated[float | None, typer.Option(help="seconds of work per line")] = None,
+) -> None:
+    """Serve a Together-compatible Batch API backed by the local provider (no Redis needed)."""
+    import dataclasses
+
+    from shared.local_api.server import serve
+    from shared.providers.local.faults import Faults
+
+    settings = load_settings()
+    try:
+        faults = Faults.from_env()
+        given: dict[str, Any] = {
+            "fail_rate": fail_rate,
+            "line_error_rate": line_error_rate,
+            "expire_after": expire_after,
+            "line_delay": line_delay,
+        }
+        faults = dataclasses.replace(faults, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    root = settings.data_dir / "local_api"
+    serve(host, port, root, api_key=api_key, faults=faults, concurrency=concurrency)
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ whose id is unique to this batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,14 +21,6 @@ log = logging.getLogger(__name__)
 _RETRY_BASE_SECONDS = 2.0
 _RETRY_MAX_SECONDS = 300.0
 _MAX_SUBMIT_ATTEMPTS = 10
-
-
-@dataclass(frozen=True, slots=True)
-class StepReport:
-    """What one pass over the batches did."""
-
-    submitted: list[str]
-    finished_at_provider: list[str]
 
 
 def submit_ready_batches(ctx: WorkerContext) -> list[str]:
@@ -109,7 +100,7 @@ def _record_submit_failure(ctx: WorkerContext, batch: Batch, exc: ProviderError)
             update_batch(
                 session,
                 batch.id,
-                error=f"retrying: {exc}",
+                error=f"retryable error, retrying: {exc}",
                 next_poll_at=utcnow() + timedelta(seconds=delay),
             )
             log.warning("submitting batch %s failed, retry in %.0fs: %s", batch.id, delay, exc)
@@ -120,7 +111,7 @@ def _record_submit_failure(ctx: WorkerContext, batch: Batch, exc: ProviderError)
                 BatchState.FAILED,
                 expect=[BatchState.PACKED, BatchState.UPLOADED],
                 outcome="failed",
-                error=f"submit failed: {exc}",
+                error=f"{'out of attempts' if exc.retryable else 'permanent error'}: {exc}",
             )
             log.error("batch %s could not be submitted: %s", batch.id, exc)
         session.commit()
@@ -146,7 +137,10 @@ def poll_batch(ctx: WorkerContext, batch: Batch) -> bool:
         job = ctx.provider(batch.provider).get_batch(batch.provider_batch_id)
     except ProviderError as exc:
         with ctx.session() as session:
-            update_batch(session, batch.id, error=f"poll failed: {exc}", next_poll_at=next_poll)
+            kind = "retryable" if exc.retryable else "permanent"
+            update_batch(
+                session, batch.id, error=f"poll: {kind} error: {exc}", next_poll_at=next_poll
+            )
             session.commit()
         return False
     with ctx.session() as session:

@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -69,7 +68,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     """Claim and pack one batch from ``buf`` if it is due; None if it is not."""
     s = ctx.settings
     batch_id = new_batch_id()
-    count, size, raw_reason = ctx.scripts.run(
+    count, size, raw_reason, *claimed = ctx.scripts.run(
         "claim",
         [
             ctx.keys.pending(buf),
@@ -94,7 +93,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     reason = text(raw_reason)
     provider, model = split_buffer_name(buf)
     path = ctx.batch_dir / provider / f"{batch_id}.jsonl"
-    rows = write_batch_file(ctx, batch_id, path)
+    rows = write_batch_file(ctx, batch_id, claimed, path)
     batch = Batch(
         id=batch_id,
         provider=provider,
@@ -106,8 +105,6 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         file_path=str(path),
         next_poll_at=utcnow(),
     )
-    for row in rows:
-        row.update(provider=provider, model=model)
     try:
         with ctx.session() as session:
             session.add(batch)
@@ -124,20 +121,22 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     return PackedBatch(batch_id, provider, model, len(rows), batch.bytes, reason, path)
 
 
-def write_batch_file(ctx: WorkerContext, batch_id: str, path: Path) -> list[dict[str, Any]]:
-    """Stream the claim's requests into ``path`` as Together JSONL; return their SQL rows."""
+def write_batch_file(
+    ctx: WorkerContext, batch_id: str, claimed: list[Any], path: Path
+) -> list[dict[str, Any]]:
+    """Stream the claimed requests into ``path`` as Together JSONL; return their SQL rows.
+
+    ``claimed`` is the claim script's flat list of (id, enq, cbq, attempts) per request.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
     rows: list[dict[str, Any]] = []
-    ids_key = ctx.keys.claim_ids(batch_id)
+    step = 4 * _READ_CHUNK
     with open(tmp, "wb", buffering=1 << 20) as out:
-        start = 0
-        while True:
-            ids: list[bytes] = ctx.redis.lrange(ids_key, start, start + _READ_CHUNK - 1)  # type: ignore[assignment]
-            if not ids:
-                break
-            start += len(ids)
-            rows.extend(_write_chunk(ctx, batch_id, ids, out))
+        for start in range(0, len(claimed), step):
+            chunk = claimed[start : start + step]
+            bodies = ctx.redis.mget([ctx.keys.body(text(i)) for i in chunk[::4]])
+            rows.extend(_write_chunk(batch_id, chunk, bodies, out))  # type: ignore[arg-type]
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
@@ -145,36 +144,29 @@ def write_batch_file(ctx: WorkerContext, batch_id: str, path: Path) -> list[dict
 
 
 def _write_chunk(
-    ctx: WorkerContext, batch_id: str, ids: list[bytes], out: BinaryIO
+    batch_id: str, chunk: list[Any], bodies: list[bytes | None], out: BinaryIO
 ) -> list[dict[str, Any]]:
-    keys = ctx.keys
-    pipe = ctx.redis.pipeline(transaction=False)
-    pipe.mget([keys.body(i.decode()) for i in ids])
-    for request_id in ids:
-        pipe.hmget(keys.request(request_id.decode()), ["enq", "cbq", "attempts"])
-    bodies, *fields = pipe.execute()
     rows = []
-    for request_id, body, (enq, cbq, attempts) in zip(ids, bodies, fields, strict=True):
+    lines = []
+    for i, body in enumerate(bodies):
+        request_id, enq, cbq, attempts = chunk[4 * i : 4 * i + 4]
         if body is None:
             # Only a Redis that lost data gets here; the collector reports it as not executed.
             log.error("request %s has no body; left out of batch %s", request_id, batch_id)
             continue
-        out.write(b'{"custom_id":"' + request_id + b'","body":' + body + b"}\n")
+        lines.append(b'{"custom_id":"' + request_id + b'","body":' + body + b"}\n")
         rows.append(
             {
                 "id": request_id.decode(),
                 "batch_id": batch_id,
                 "state": RequestState.BATCHED.value,
-                "attempts": int(attempts or 0) + 1,
-                "callback_queue": (cbq or b"").decode(),
-                "enqueued_at": _from_ms(enq),
+                "attempts": int(attempts) + 1,
+                "callback_queue": cbq.decode(),
+                "enqueued_at_ms": int(enq),
             }
         )
+    out.write(b"".join(lines))
     return rows
-
-
-def _from_ms(raw: bytes | None) -> datetime:
-    return datetime.fromtimestamp(int(raw or 0) / 1000, UTC)
 
 
 def release_claim(ctx: WorkerContext, batch_id: str) -> None:

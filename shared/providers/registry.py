@@ -24,7 +24,9 @@ def build_provider(
 
         return LocalProvider(LocalStore(local_provider_root(settings)), dispatch=dispatch)
     if name == "together":
-        raise UnknownProvider("the together provider is not available yet")
+        from shared.providers.together import TogetherProvider
+
+        return TogetherProvider()
     raise UnknownProvider(f"provider must be one of {PROVIDER_NAMES} (got {name!r})")
 
 

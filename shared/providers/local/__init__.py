@@ -9,27 +9,33 @@ from shared.providers.local.engines import (
     LineError,
     get_engine,
 )
+from shared.providers.local.faults import CallFaults, Faults, InjectedFailure
 from shared.providers.local.file_writer import FileWriter
 from shared.providers.local.provider import LocalProvider, to_provider_batch
-from shared.providers.local.records import BatchJob, JobStatus, StoredFile, iso_z
+from shared.providers.local.records import BatchJob, JobStatus, PendingUpload, StoredFile, iso_z
 from shared.providers.local.runner import run_job
 from shared.providers.local.shuffle import BucketShuffler
-from shared.providers.local.store import FILE_PURPOSES, LocalStore, NotFound
+from shared.providers.local.store import FILE_PURPOSES, FILE_TYPES, LocalStore, NotFound
 from shared.providers.local.validation import ValidationResult, read_requests, validate_input_file
 
 __all__ = [
     "DRY_RUN_FINGERPRINT",
     "FILE_PURPOSES",
+    "FILE_TYPES",
     "BatchJob",
     "BucketShuffler",
+    "CallFaults",
     "EchoEngine",
     "Engine",
+    "Faults",
     "FileWriter",
+    "InjectedFailure",
     "JobStatus",
     "LineError",
     "LocalProvider",
     "LocalStore",
     "NotFound",
+    "PendingUpload",
     "StoredFile",
     "ValidationResult",
     "get_engine",

@@ -23,8 +23,10 @@ class FileWriter:
         purpose: str,
         publish: Callable[[StoredFile, Path], None],
         clock: Callable[[], float] = time.time,
+        file_type: str = "jsonl",
     ) -> None:
         self.id = file_id
+        self.file_type = file_type
         self._clock = clock
         self._part_path = part_path
         self._filename = filename
@@ -35,6 +37,11 @@ class FileWriter:
         self._newlines = 0
         self._last_byte = b"\n"
         self._done = False
+
+    @property
+    def bytes_written(self) -> int:
+        """How many bytes were written so far."""
+        return self._bytes
 
     def write(self, data: bytes) -> None:
         """Append bytes to the file."""
@@ -59,6 +66,7 @@ class FileWriter:
             purpose=self._purpose,
             created_at=int(self._clock()),
             line_count=self._newlines + unterminated,
+            file_type=self.file_type,
         )
         self._publish(stored, self._part_path)
         return stored

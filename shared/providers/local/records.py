@@ -45,6 +45,7 @@ class StoredFile:
     purpose: str
     created_at: int
     line_count: int
+    file_type: str = "jsonl"
 
     def to_together(self) -> dict[str, object]:
         """Together's FileResponse body for this file."""
@@ -55,7 +56,7 @@ class StoredFile:
             "filename": self.filename,
             "bytes": self.bytes,
             "purpose": self.purpose,
-            "FileType": "jsonl",
+            "FileType": self.file_type,
             "Processed": True,
             "LineCount": self.line_count,
             "processing_status": "COMPLETED",
@@ -137,6 +138,34 @@ class BatchJob:
         return cls(**known)
 
 
-def _known(cls: type[StoredFile] | type[BatchJob], data: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class PendingUpload:
+    """A file id handed out before its bytes arrive (Together's 3-step upload).
+
+    ``token`` authorises the bytes' upload, which carries no API key; ``checksum`` is the
+    SHA-256 hex digest the client announced, if any.
+    """
+
+    file_id: str
+    token: str
+    filename: str
+    purpose: str
+    file_type: str
+    created_at: float
+    checksum: str | None = None
+
+    def to_record(self) -> dict[str, object]:
+        """The dict persisted on disk."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> PendingUpload:
+        """Rebuild from the persisted dict, ignoring keys a newer version may have added."""
+        return cls(**_known(cls, data))
+
+
+def _known(
+    cls: type[StoredFile] | type[BatchJob] | type[PendingUpload], data: dict[str, Any]
+) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in data.items() if k in names}

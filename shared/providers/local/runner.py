@@ -7,15 +7,17 @@ import enum
 import hashlib
 import random
 import tempfile
+import threading
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import orjson
 
 from shared.limits import BATCH_ENDPOINT, TOGETHER_MAX_BATCH_BYTES, TOGETHER_MAX_BATCH_REQUESTS
 from shared.providers.local.engines import Engine, LineError
+from shared.providers.local.faults import INJECTED_LINE_ERROR_CODE, Faults
 from shared.providers.local.records import BatchJob, JobStatus
 from shared.providers.local.shuffle import BucketShuffler
 from shared.providers.local.store import LocalStore, NotFound
@@ -32,6 +34,16 @@ class _Stop(enum.Enum):
     CANCELLED = "cancelled"
     EXPIRED = "expired"
     LOST = "lost"
+    ABANDONED = "abandoned"
+
+
+@dataclass(frozen=True, slots=True)
+class _RunOptions:
+    line_delay: float
+    line_error_rate: float
+    line_rng: random.Random
+    shuffle_rng: random.Random
+    abandon: threading.Event | None
 
 
 _FINAL_STATUS = {
@@ -50,15 +62,22 @@ def run_job(
     max_requests: int = TOGETHER_MAX_BATCH_REQUESTS,
     max_bytes: int = TOGETHER_MAX_BATCH_BYTES,
     shuffle_seed: int | None = None,
+    faults: Faults | None = None,
+    stop: threading.Event | None = None,
 ) -> BatchJob:
     """Execute a job to a terminal status and return it; a terminal job is returned unchanged.
 
     A non-terminal job is (re)started from scratch, so a redelivered task is safe. The last
     runner to claim a job owns it: an older runner notices at its next checkpoint and quietly
     discards its work. ``line_delay`` sleeps that many seconds per line (slow batches in tests).
+
+    ``faults`` injects failing lines and expiry (its ``line_delay`` applies when larger than
+    ``line_delay``). Setting ``stop`` (e.g. on server shutdown) makes the runner give the job
+    up unfinished and unclaimed, so a later ``run_job`` can start it again.
     """
+    faults = faults or Faults()
     job = store.get_job(job_id)
-    if job.is_terminal:
+    if job.is_terminal or (stop is not None and stop.is_set()):
         return job
     token = uuid.uuid4().hex
     job = store.update_job(job_id, lambda j: _claim(j, token, store.clock()))
@@ -82,19 +101,20 @@ def run_job(
     if not result.ok or result.model is None:
         return _finish(store, job_id, token, JobStatus.FAILED, error=result.error)
     model = result.model
-    job = store.update_job(job_id, lambda j: _start(j, token, model, store.clock()))
+    expire_after = faults.expire_after
+    job = store.update_job(
+        job_id, lambda j: _start(j, token, model, store.clock(), expire_after=expire_after)
+    )
     if job.runner_token != token:
         return job
-    return _execute(
-        store,
-        job,
-        token,
-        engine,
-        input_path,
-        total=result.line_count,
-        line_delay=line_delay,
-        rng=random.Random(shuffle_seed),
+    options = _RunOptions(
+        line_delay=max(line_delay, faults.line_delay),
+        line_error_rate=faults.line_error_rate,
+        line_rng=random.Random(faults.seed),
+        shuffle_rng=random.Random(shuffle_seed),
+        abandon=stop,
     )
+    return _execute(store, job, token, engine, input_path, total=result.line_count, opts=options)
 
 
 def _execute(
@@ -105,26 +125,35 @@ def _execute(
     input_path: Path,
     *,
     total: int,
-    line_delay: float,
-    rng: random.Random,
+    opts: _RunOptions,
 ) -> BatchJob:
     with (
         tempfile.TemporaryDirectory(dir=store.tmp_dir, prefix=f"run-{job.id}-") as tmp,
-        BucketShuffler(Path(tmp) / "out", rng) as outputs,
-        BucketShuffler(Path(tmp) / "err", rng) as errors,
+        BucketShuffler(Path(tmp) / "out", opts.shuffle_rng) as outputs,
+        BucketShuffler(Path(tmp) / "err", opts.shuffle_rng) as errors,
     ):
         done = 0
         stop = _Stop.DONE
         last_beat = time.monotonic()
         for _, custom_id, body in read_requests(input_path):
-            answer = _complete(engine, body, custom_id)
+            if opts.abandon is not None and opts.abandon.is_set():
+                stop = _Stop.ABANDONED
+                break
+            # Checked per line, not only at checkpoints, so a short deadline is honoured.
+            if store.clock() >= job.job_deadline:
+                stop = _Stop.EXPIRED
+                break
+            answer = _answer(engine, body, custom_id, opts)
             if isinstance(answer, LineError):
                 errors.add(_error_line(custom_id, answer))
             else:
                 outputs.add(_output_line(job.id, custom_id, answer))
             done += 1
-            if line_delay > 0:
-                time.sleep(line_delay)
+            if opts.line_delay > 0:
+                if opts.abandon is not None:
+                    opts.abandon.wait(opts.line_delay)
+                else:
+                    time.sleep(opts.line_delay)
             # The last line needs no checkpoint: publishing comes next and re-checks ownership.
             if done < total and (
                 done % CHECKPOINT_LINES == 0 or time.monotonic() - last_beat >= CHECKPOINT_SECONDS
@@ -135,6 +164,8 @@ def _execute(
                     break
         if stop is _Stop.LOST:
             return store.get_job(job.id)
+        if stop is _Stop.ABANDONED:
+            return store.update_job(job.id, lambda j: _release(j, token))
         return _publish(store, job.id, token, stop, outputs, errors, _percent(done, total))
 
 
@@ -225,7 +256,9 @@ def _claim(job: BatchJob, token: str, now: float) -> BatchJob:
     )
 
 
-def _start(job: BatchJob, token: str, model: str, now: float) -> BatchJob:
+def _start(
+    job: BatchJob, token: str, model: str, now: float, *, expire_after: float | None
+) -> BatchJob:
     if job.runner_token != token or job.is_terminal:
         return job
     if job.cancel_requested:
@@ -236,13 +269,44 @@ def _start(job: BatchJob, token: str, model: str, now: float) -> BatchJob:
             runner_token=None,
             heartbeat_at=None,
         )
-    return replace(job, status=JobStatus.IN_PROGRESS, model_id=model, heartbeat_at=now)
+    deadline = job.job_deadline
+    if expire_after is not None:
+        # Persisted, so pollers see when the job will expire and a rerun keeps the deadline.
+        deadline = min(deadline, now + expire_after)
+    return replace(
+        job,
+        status=JobStatus.IN_PROGRESS,
+        model_id=model,
+        heartbeat_at=now,
+        job_deadline=deadline,
+    )
+
+
+def _release(job: BatchJob, token: str) -> BatchJob:
+    if job.runner_token != token or job.is_terminal:
+        return job
+    # Unclaimed, a cancel while nobody runs the job takes effect at once.
+    return replace(job, runner_token=None, heartbeat_at=None)
 
 
 def _beat(job: BatchJob, token: str, progress: float, now: float) -> BatchJob:
     if job.runner_token != token or job.is_terminal:
         return job
     return replace(job, progress=progress, heartbeat_at=now)
+
+
+def _answer(
+    engine: Engine, body: dict[str, object], custom_id: str, opts: _RunOptions
+) -> dict[str, object] | LineError:
+    if opts.line_error_rate > 0 and opts.line_rng.random() < opts.line_error_rate:
+        # Returned, not raised into _complete: an injected failure must reach the error file
+        # for the client to retry, not be absorbed by the runner's own retries.
+        return LineError(
+            INJECTED_LINE_ERROR_CODE,
+            "rate limit exceeded (injected by line_error_rate); retry the request",
+            retryable=True,
+        )
+    return _complete(engine, body, custom_id)
 
 
 def _complete(

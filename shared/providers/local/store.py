@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -20,7 +21,13 @@ from shared.providers.local._fs import (
     read_json_object,
 )
 from shared.providers.local.file_writer import FileWriter
-from shared.providers.local.records import JOB_WINDOW_SECONDS, BatchJob, JobStatus, StoredFile
+from shared.providers.local.records import (
+    JOB_WINDOW_SECONDS,
+    BatchJob,
+    JobStatus,
+    PendingUpload,
+    StoredFile,
+)
 
 # Together's file purposes (docs and Go SDK enum, plus the Python SDK's "calibration").
 FILE_PURPOSES = frozenset(
@@ -35,6 +42,9 @@ FILE_PURPOSES = frozenset(
         "eval-summary",
     }
 )
+
+# The file types Together's upload accepts (taken from the file's suffix by the SDK).
+FILE_TYPES = frozenset({"jsonl", "parquet", "csv"})
 
 
 class NotFound(LookupError):
@@ -60,8 +70,9 @@ class LocalStore:
         self.runner_lease_seconds = runner_lease_seconds
         self._files = self.root / "files"
         self._jobs = self.root / "jobs"
+        self._uploads = self.root / "uploads"
         self.tmp_dir = self.root / "tmp"
-        for directory in (self._files, self._jobs, self.tmp_dir):
+        for directory in (self._files, self._jobs, self._uploads, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
     # Files
@@ -99,6 +110,65 @@ class LocalStore:
             publish=self._publish_file,
             clock=self.clock,
         )
+
+    def reserve_upload(
+        self,
+        *,
+        filename: str,
+        purpose: str = "batch-api",
+        file_type: str = "jsonl",
+        checksum: str | None = None,
+    ) -> PendingUpload:
+        """Hand out a file id and an upload token; the bytes follow via ``open_upload``."""
+        if purpose not in FILE_PURPOSES:
+            raise ValueError(f"invalid purpose {purpose!r}; allowed: {sorted(FILE_PURPOSES)}")
+        if file_type not in FILE_TYPES:
+            raise ValueError(f"invalid file type {file_type!r}; allowed: {sorted(FILE_TYPES)}")
+        pending = PendingUpload(
+            file_id=f"file-{uuid.uuid4()}",
+            token=secrets.token_urlsafe(32),
+            filename=filename,
+            purpose=purpose,
+            file_type=file_type,
+            created_at=self.clock(),
+            checksum=checksum,
+        )
+        atomic_write(self._upload_path(pending.file_id), orjson.dumps(pending.to_record()))
+        return pending
+
+    def get_upload(self, file_id: str) -> PendingUpload:
+        """A reserved upload whose bytes have not arrived yet, or NotFound."""
+        try:
+            return PendingUpload.from_record(read_json_object(self._upload_path(file_id)))
+        except FileNotFoundError:
+            raise NotFound(f"no pending upload for file {file_id!r}") from None
+
+    def open_upload(self, file_id: str) -> FileWriter:
+        """Receive a reserved upload's bytes; ``commit`` publishes the file under that id."""
+        pending = self.get_upload(file_id)
+        return FileWriter(
+            file_id=pending.file_id,
+            # A unique part name, so a repeated PUT cannot interleave with one in flight.
+            part_path=self.tmp_dir / f"{pending.file_id}.{uuid.uuid4().hex}.part",
+            filename=pending.filename,
+            purpose=pending.purpose,
+            publish=self._publish_upload,
+            clock=self.clock,
+            file_type=pending.file_type,
+        )
+
+    def prune_uploads(self, max_age_seconds: float) -> int:
+        """Forget reservations whose bytes never came; returns how many were dropped."""
+        dropped = 0
+        cutoff = self.clock() - max_age_seconds
+        for path in self._uploads.glob("file-*.json"):
+            try:
+                if PendingUpload.from_record(read_json_object(path)).created_at < cutoff:
+                    path.unlink()
+                    dropped += 1
+            except (FileNotFoundError, ValueError, TypeError):
+                continue
+        return dropped
 
     def get_file(self, file_id: str) -> StoredFile:
         """Return a file's metadata or raise NotFound."""
@@ -203,6 +273,10 @@ class LocalStore:
         os.replace(part_path, self._content_path(stored.id))
         atomic_write(self._file_meta_path(stored.id), orjson.dumps(stored.to_record()))
 
+    def _publish_upload(self, stored: StoredFile, part_path: Path) -> None:
+        self._publish_file(stored, part_path)
+        self._upload_path(stored.id).unlink(missing_ok=True)
+
     def _write_job(self, job: BatchJob) -> None:
         atomic_write(self._job_path(job.id), orjson.dumps(job.to_record()))
 
@@ -223,6 +297,9 @@ class LocalStore:
 
     def _content_path(self, file_id: str) -> Path:
         return self._files / f"{_checked_file_id(file_id)}.jsonl"
+
+    def _upload_path(self, file_id: str) -> Path:
+        return self._uploads / f"{_checked_file_id(file_id)}.json"
 
     def _job_path(self, job_id: str) -> Path:
         if not _is_uuid(job_id):

@@ -1,0 +1,135 @@
+"""End to end through the Together adapter: producer → TogetherProvider over real HTTP →
+``batchbridge local-api`` → results on callback queues."""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session, select
+
+from producer import CallbackQueue, Producer, Result
+from shared.db import make_engine
+from shared.models import Batch, BatchState
+from shared.settings import Settings
+from tests.conftest import LocalApiFactory, WorkerFactory, make_settings
+
+FAST = {
+    "max_batch_requests": 200,
+    "max_wait_seconds": 0.5,
+    "poll_interval_seconds": 0.3,
+    "aggregate_interval_seconds": 0.3,
+    "submit_interval_seconds": 0.3,
+    "provider": "together",
+    "max_attempts": 10,
+}
+
+
+def push(settings: Settings, n: int) -> dict[str, int]:
+    producer = Producer(settings=settings)
+    requests = [
+        {
+            "model": ("model-x", "model-y")[i % 2],
+            "messages": [{"role": "user", "content": f"req-{i} is this good?"}],
+            "callback_queue": "svc",
+            "metadata": {"i": i},
+        }
+        for i in range(n)
+    ]
+    handles = producer.submit_many(requests)
+    producer.close()
+    return {h.id: i for i, h in enumerate(handles)}
+
+
+def drain(settings: Settings, n: int, timeout: float) -> tuple[dict[str, Result], int]:
+    queue = CallbackQueue("svc", settings=settings)
+    results: dict[str, Result] = {}
+    deliveries = 0
+    deadline = time.monotonic() + timeout
+    while len(results) < n and time.monotonic() < deadline:
+        delivery = queue.get(timeout=0.5)
+        if delivery is not None:
+            deliveries += 1
+            results[delivery.result.request_id] = delivery.result
+            delivery.ack()
+    time.sleep(1)
+    while (delivery := queue.get(timeout=0.1)) is not None:
+        deliveries += 1
+        delivery.ack()
+    queue.close()
+    return results, deliveries
+
+
+def batches(settings: Settings) -> list[Batch]:
+    engine = make_engine(settings)
+    with Session(engine) as session:
+        found = list(session.exec(select(Batch)))
+    engine.dispose()
+    return found
+
+
+@pytest.mark.parametrize(
+    ("api_args", "expect_retries"),
+    [
+        ([], False),
+        (["--line-error-rate", "0.2", "--fail-rate", "0.1"], True),
+    ],
+    ids=["clean", "faulty"],
+)
+def test_requests_flow_through_together_adapter_over_http(
+    redis_url: str,
+    tmp_path: Path,
+    start_local_api: LocalApiFactory,
+    start_worker: WorkerFactory,
+    api_args: list[str],
+    expect_retries: bool,
+) -> None:
+    # Given a Together-compatible API and a worker whose provider is `together`
+    api = start_local_api(*api_args)
+    settings = make_settings(redis_url, tmp_path / "worker", **FAST)
+    start_worker(settings, TOGETHER_BASE_URL=api.url, TOGETHER_API_KEY=api.api_key)
+
+    # When 600 requests are submitted
+    ids = push(settings, 600)
+    results, deliveries = drain(settings, len(ids), timeout=180)
+
+    # Then each comes back once, completed, answered for its own request
+    assert set(results) == set(ids), f"missing {len(set(ids) - set(results))}"
+    assert deliveries == len(ids)
+    for request_id, i in ids.items():
+        result = results[request_id]
+        assert result.status == "completed", result.error
+        assert result.response is not None
+        assert f"req-{i}" in result.response["choices"][0]["message"]["content"]
+    attempts = collections.Counter(r.attempts for r in results.values())
+    assert (max(attempts) > 1) is expect_retries, attempts
+
+    # And the batches ran at the Together endpoint, at least one per model
+    found = [b for b in batches(settings) if b.state == BatchState.FINISHED]
+    assert {b.provider for b in found} == {"together"}
+    assert {b.model for b in found} == {"model-x", "model-y"}
+    assert all(b.provider_batch_id and b.provider_file_id for b in found)
+
+
+def test_wrong_api_key_is_a_permanent_failure_recorded_on_the_batch(
+    redis_url: str,
+    tmp_path: Path,
+    start_local_api: LocalApiFactory,
+    start_worker: WorkerFactory,
+) -> None:
+    api = start_local_api()
+    settings = make_settings(redis_url, tmp_path / "worker", **FAST)
+    start_worker(settings, TOGETHER_BASE_URL=api.url, TOGETHER_API_KEY="wrong-key")
+    ids = push(settings, 10)
+    results, _ = drain(settings, len(ids), timeout=60)
+    assert set(results) == set(ids)
+    assert {r.status for r in results.values()} == {"failed"}
+    assert {r.error.code for r in results.values() if r.error} == {"batch_failed"}
+    found = batches(settings)
+    assert found and sum(b.request_count for b in found) == len(ids)
+    for batch in found:
+        assert batch.state == BatchState.FINISHED and batch.provider_batch_id is None
+        assert batch.error is not None and "permanent error" in batch.error
+        assert "401" in batch.error
