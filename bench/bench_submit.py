@@ -129,7 +129,8 @@ def check_same_payload(client: Redis, producer: Producer, payload: bytes) -> Non
     """The comparison is only fair if the producer stores exactly the baseline's bytes."""
     request = chat_request()
     handle = producer.submit(request["model"], request["messages"], max_tokens=MAX_TOKENS)
-    stored = client.get(producer.keys.body(handle.id))
+    buf = buffer_name(producer.settings.default_provider, request["model"])
+    stored = client.hget(producer.keys.bodies(buf), handle.id)
     if stored != payload:
         raise RuntimeError(f"producer stored {stored!r:.80}, baseline pushes {payload!r:.80}")
     client.flushdb()

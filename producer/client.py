@@ -6,7 +6,9 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, cast
 
+import hiredis
 from redis import Redis
+from redis.exceptions import NoScriptError
 
 from producer.wakeup import AggregatorWaker
 from shared.embedded_redis import resolve_redis_url
@@ -22,7 +24,9 @@ from shared.schemas import (
 from shared.settings import Settings
 
 RequestState = Literal["pending", "batched", "completed", "failed", "cancelled", "unknown"]
-_CHUNK = 1000  # requests per enqueue script call: bounds how long one call blocks Redis
+# Requests per enqueue script call: small enough that Redis works on one chunk while the next is
+# encoded, and that one call never blocks Redis for long.
+_CHUNK = 100
 
 
 class Producer:
@@ -67,16 +71,16 @@ class Producer:
         **body_fields: Any,
     ) -> RequestHandle:
         """Validate one request and enqueue it in one round trip; returns its handle."""
-        request = {
-            "model": model,
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "callback_queue": callback_queue,
-            "metadata": metadata,
-            "idempotency_key": idempotency_key,
-            "provider": provider,
-            **body_fields,
-        }
+        request = {"model": model, "messages": messages, **body_fields}
+        for name, value in (
+            ("max_tokens", max_tokens),
+            ("callback_queue", callback_queue),
+            ("metadata", metadata),
+            ("idempotency_key", idempotency_key),
+            ("provider", provider),
+        ):
+            if value is not None:
+                request[name] = value
         prepared = prepare_request(
             request, default_provider=self._default_provider, max_line_bytes=self._max_line
         )
@@ -96,15 +100,48 @@ class Producer:
             )
         except InvalidRequest as exc:
             raise InvalidRequest(f"requests{exc.field}", exc.rule) from None
-        pipe = self._client.pipeline(transaction=False)
         chunks = [prepared[i : i + _CHUNK] for i in range(0, len(prepared), _CHUNK)]
-        for chunk in chunks:
-            self._scripts.run("enqueue", [self.keys.buffers], self._args(chunk), client=pipe)
-        replies = pipe.execute()
         handles: list[RequestHandle] = []
-        for chunk, reply in zip(chunks, replies, strict=True):
+        for chunk, reply in zip(chunks, self._enqueue_chunks(chunks), strict=True):
             handles.extend(self._handles(chunk, reply))
         return handles
+
+    def _enqueue_chunks(self, chunks: list[list[PreparedRequest]]) -> list[Any]:
+        """Send every chunk before reading any reply, on one connection.
+
+        Redis runs a chunk's script while the next chunk is being encoded and sent, so the
+        client's and the server's work overlap (a pipeline would encode everything first).
+        """
+        sha = self._scripts.sha("enqueue")
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        replies: list[Any] = []
+        try:
+            todo = list(range(len(chunks)))
+            for attempt in range(2):
+                for i in todo:
+                    args = ("EVALSHA", sha, 1, self.keys.buffers, *self._args(chunks[i]))
+                    conn.send_packed_command([_pack(args)], check_health=False)  # type: ignore[no-untyped-call]
+                missing = []
+                for i in todo:
+                    try:
+                        reply = conn.read_response()
+                    except NoScriptError:
+                        missing.append(i)  # not run at all, so sending it again is safe
+                        continue
+                    replies.append((i, reply))
+                if not missing:
+                    break
+                if attempt == 1:
+                    raise RuntimeError("Redis keeps forgetting the enqueue script")
+                self._scripts.load("enqueue")
+                todo = missing
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]  # replies may be left unread
+            raise
+        finally:
+            pool.release(conn)
+        return [reply for _, reply in sorted(replies, key=lambda pair: pair[0])]
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a request still waiting in its buffer; False if it is already batched or done."""
@@ -172,6 +209,12 @@ class Producer:
         if full:
             self._waker.wake(full)
         return [RequestHandle(request_id, self) for request_id in ids]
+
+
+def _pack(args: tuple[Any, ...]) -> Any:
+    # hiredis encodes a command in C; redis-py's own packer walks every argument in Python
+    # first, which costs more than the rest of submit_many put together.
+    return hiredis.pack_command(args)
 
 
 class RequestHandle:

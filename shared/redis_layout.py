@@ -3,7 +3,7 @@
 Every key starts with the configured prefix (default ``bb``):
 
 ``{p}:req:{id}``            hash    request: state, buf, enq (ms), seq, size, cbq, meta, batch ...
-``{p}:body:{id}``           string  the request's body JSON until it has an outcome
+``{p}:bodies:{buf}``        hash    request id -> body JSON, until the request has an outcome
 ``{p}:idem:{key}``          string  idempotency key -> request id (expires)
 ``{p}:pending:{buf}``       zset    the pending buffer of one (provider, model), by enqueue seq
 ``{p}:seq``                 string  enqueue sequence counter (keeps buffers first-in first-out)
@@ -66,9 +66,9 @@ class Keys:
         """Hash holding one request."""
         return f"{self.prefix}:req:{request_id}"
 
-    def body(self, request_id: str) -> str:
-        """String holding one request's body JSON."""
-        return f"{self.prefix}:body:{request_id}"
+    def bodies(self, buf: str) -> str:
+        """Hash of request id -> body JSON for one buffer."""
+        return f"{self.prefix}:bodies:{buf}"
 
     def idempotency(self, key: str) -> str:
         """String mapping an idempotency key to its request id."""
@@ -118,6 +118,15 @@ class Scripts:
             name: client.register_script((folder / f"{name}.lua").read_text("utf-8"))
             for name in _SCRIPT_NAMES
         }
+
+    def sha(self, name: str) -> str:
+        """The SHA1 of a script, for sending EVALSHA by hand."""
+        return str(self._scripts[name].sha)
+
+    def load(self, name: str) -> None:
+        """Load a script into Redis (after a restart or SCRIPT FLUSH forgot it)."""
+        script = self._scripts[name]
+        script.registered_client.script_load(script.script)
 
     def run(self, name: str, keys: list[str], args: list[Any], client: Any | None = None) -> Any:
         """Run one script (EVALSHA, loading it on first use) on ``client`` or a pipeline."""

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, NotRequired
+from typing import Annotated, Any, Literal, NamedTuple, NotRequired
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -83,13 +82,18 @@ class _RequestFields(TypedDict):
 
 _validate_many = TypeAdapter(list[_RequestFields]).validate_python
 # Producer options: stored beside the body, never sent to the provider.
-_OPTIONS = ("callback_queue", "idempotency_key", "provider", "metadata")
 _NOT_IN_BATCH = frozenset({"stream"})
+# Keys that mean a request needs more than "serialise it as it is".
+_OPTIONS_AND_CHECKS = frozenset(
+    {"callback_queue", "idempotency_key", "provider", "metadata", *_NOT_IN_BATCH}
+)
 
 
-@dataclass(frozen=True, slots=True)
-class PreparedRequest:
-    """A validated request, serialised and ready for the enqueue script."""
+class PreparedRequest(NamedTuple):
+    """A validated request, serialised and ready for the enqueue script.
+
+    A NamedTuple rather than a dataclass: submit_many builds one per request on its hot path.
+    """
 
     id: str
     provider: str
@@ -101,9 +105,10 @@ class PreparedRequest:
     line_bytes: int
 
 
-def new_request_id() -> str:
-    """A fresh request id; it is also the batch line's custom_id, so it stays ≤ 64 chars."""
-    return os.urandom(16).hex()
+def new_request_ids(n: int) -> list[str]:
+    """Fresh request ids (32 hex chars: they are also the lines' custom_ids, ≤ 64 chars)."""
+    raw = os.urandom(16 * n).hex()
+    return [raw[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
 def prepare_many(
@@ -115,18 +120,23 @@ def prepare_many(
     except ValidationError as exc:
         raise _invalid_from(exc) from None
     prepared = []
+    ids = new_request_ids(len(requests))
+    overhead = LINE_OVERHEAD + 32
     for i, request in enumerate(requests):
-        body = dict(request)
-        options = [body.pop(name, None) for name in _OPTIONS]
-        callback_queue, idempotency_key, provider, metadata = options
-        if body.get("max_tokens", 0) is None:
-            del body["max_tokens"]
-        for name in _NOT_IN_BATCH.intersection(body):
-            raise InvalidRequest(f"[{i}].{name}", "is not allowed in a batch request")
+        body = request
+        callback_queue = idempotency_key = provider = metadata = None
+        if not _OPTIONS_AND_CHECKS.isdisjoint(request) or request.get("max_tokens", 1) is None:
+            body = dict(request)
+            callback_queue = body.pop("callback_queue", None)
+            idempotency_key = body.pop("idempotency_key", None)
+            provider = body.pop("provider", None)
+            metadata = body.pop("metadata", None)
+            if "max_tokens" in body and body["max_tokens"] is None:
+                del body["max_tokens"]
+            for name in _NOT_IN_BATCH.intersection(body):
+                raise InvalidRequest(f"[{i}].{name}", "is not allowed in a batch request")
         encoded = _dumps_checked(body, f"[{i}]")
-        meta = b"" if metadata is None else _dumps_checked(metadata, f"[{i}].metadata")
-        request_id = new_request_id()
-        line_bytes = LINE_OVERHEAD + len(request_id) + len(encoded)
+        line_bytes = overhead + len(encoded)
         if line_bytes > max_line_bytes:
             raise InvalidRequest(
                 f"[{i}].messages",
@@ -135,14 +145,14 @@ def prepare_many(
             )
         prepared.append(
             PreparedRequest(
-                id=request_id,
-                provider=provider or default_provider,
-                model=body["model"],
-                body=encoded,
-                callback_queue=callback_queue or "",
-                metadata=meta,
-                idempotency_key=idempotency_key or "",
-                line_bytes=line_bytes,
+                ids[i],
+                provider or default_provider,
+                body["model"],
+                encoded,
+                callback_queue or "",
+                b"" if metadata is None else _dumps_checked(metadata, f"[{i}].metadata"),
+                idempotency_key or "",
+                line_bytes,
             )
         )
     return prepared

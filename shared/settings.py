@@ -58,7 +58,6 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=2, ge=1, le=256)
 
     local_engine: Literal["echo"] = "echo"
-    local_line_delay_seconds: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _task_limits_fit_visibility(self) -> Settings:

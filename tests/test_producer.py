@@ -32,7 +32,7 @@ def test_submit_records_request_and_appends_to_its_model_buffer(
     # Then the request is pending in the (local, m-a) buffer with its body stored
     assert handle.status() == "pending"
     assert pending_ids(redis_client, "local", "m-a") == [handle.id]
-    body = redis_client.get(Keys().body(handle.id))
+    body = redis_client.hget(Keys().bodies("local:m-a"), handle.id)
     assert body is not None and b'"temperature":0' in body and b'"max_tokens":5' in body
     assert int(redis_client.hget(Keys().buffers, "local:m-a")) > len(body)
 

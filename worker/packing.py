@@ -93,7 +93,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     reason = text(raw_reason)
     provider, model = split_buffer_name(buf)
     path = ctx.batch_dir / provider / f"{batch_id}.jsonl"
-    rows = write_batch_file(ctx, batch_id, claimed, path)
+    rows = write_batch_file(ctx, batch_id, buf, claimed, path)
     batch = Batch(
         id=batch_id,
         provider=provider,
@@ -122,7 +122,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
 
 
 def write_batch_file(
-    ctx: WorkerContext, batch_id: str, claimed: list[Any], path: Path
+    ctx: WorkerContext, batch_id: str, buf: str, claimed: list[Any], path: Path
 ) -> list[dict[str, Any]]:
     """Stream the claimed requests into ``path`` as Together JSONL; return their SQL rows.
 
@@ -135,7 +135,7 @@ def write_batch_file(
     with open(tmp, "wb", buffering=1 << 20) as out:
         for start in range(0, len(claimed), step):
             chunk = claimed[start : start + step]
-            bodies = ctx.redis.mget([ctx.keys.body(text(i)) for i in chunk[::4]])
+            bodies = ctx.redis.hmget(ctx.keys.bodies(buf), chunk[::4])
             rows.extend(_write_chunk(batch_id, chunk, bodies, out))  # type: ignore[arg-type]
         out.flush()
         os.fsync(out.fileno())

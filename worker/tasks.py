@@ -16,6 +16,7 @@ from shared import task_names
 from shared.db import make_engine, poll_now
 from shared.providers.base import ProviderBatchStatus
 from shared.providers.local import LocalProvider, get_engine, run_job
+from shared.providers.local.faults import Faults
 from shared.settings import Settings
 from worker.app import app
 from worker.collection import collect_ready_batches
@@ -41,9 +42,13 @@ def context() -> WorkerContext:
 
 
 @signals.worker_init.connect
-def _create_tables(**_: object) -> None:
-    # Once in the parent, before the pool forks, so children never race to create tables.
-    make_engine(app.conf.batchbridge_settings).dispose()
+def _check_and_prepare(**_: object) -> None:
+    # Once in the parent, before the pool forks: fail fast on bad settings, and create the
+    # tables here so pool children never race to create them.
+    settings: Settings = app.conf.batchbridge_settings
+    Faults.from_env()
+    make_engine(settings).dispose()
+    log.warning("batchbridge worker starting; default provider: %s", settings.default_provider)
 
 
 def wake(task: str, **kwargs: object) -> None:
@@ -109,10 +114,7 @@ def local_run(job_id: str) -> str:
         if not mine:
             return "busy"
         job = run_job(
-            provider.store,
-            job_id,
-            get_engine(ctx.settings.local_engine),
-            line_delay=ctx.settings.local_line_delay_seconds,
+            provider.store, job_id, get_engine(ctx.settings.local_engine), faults=provider.faults
         )
     # Batches are polled on a timer; a local job can say at once that it is done.
     with ctx.session() as session:

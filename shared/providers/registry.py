@@ -21,8 +21,11 @@ def build_provider(
     """The provider called ``name``; ``dispatch`` runs local batches (see LocalProvider)."""
     if name == "local":
         from shared.providers.local import LocalProvider, LocalStore
+        from shared.providers.local.faults import Faults
 
-        return LocalProvider(LocalStore(local_provider_root(settings)), dispatch=dispatch)
+        # The BATCHBRIDGE_LOCAL_* fault knobs work in-process too, to rehearse failures.
+        store = LocalStore(local_provider_root(settings))
+        return LocalProvider(store, dispatch=dispatch, faults=Faults.from_env())
     if name == "together":
         from shared.providers.together import TogetherProvider
 

@@ -3,8 +3,8 @@
 -- KEYS[1]  {p}:buffers             hash    buf -> bytes of JSONL waiting in that buffer
 -- Keys built here (one Redis, not a cluster):
 --          {p}:req:{id}            hash    the request record (small fields: stays a listpack)
---          {p}:body:{id}           string  the request body JSON, kept apart so the packer can
---                                          MGET many at once
+--          {p}:bodies:{buf}        hash    request id -> body JSON, one hash per buffer: a
+--                                          single HSET per call stores a whole chunk
 --          {p}:idem:{key}          string  idempotency key -> request id
 --          {p}:pending:{buf}       zset    request ids scored by enqueue sequence (FIFO)
 --          {p}:seq                 string  the enqueue sequence counter
@@ -16,7 +16,7 @@
 local prefix, now, ttl = ARGV[1], ARGV[2], ARGV[3]
 -- One sequence range per call keeps buffers first-in first-out even within a millisecond.
 local seq = redis.call('INCRBY', prefix .. 'seq', (#ARGV - 3) / 7) - (#ARGV - 3) / 7
-local by_buf, bytes_by_buf, order = {}, {}, {}
+local by_buf, bodies_by_buf, bytes_by_buf, order = {}, {}, {}, {}
 local repeats = {}
 local position = 0
 for i = 4, #ARGV, 7 do
@@ -37,25 +37,28 @@ for i = 4, #ARGV, 7 do
                'size', size, 'buf', buf)
     if ARGV[i + 5] ~= '' then redis.call('HSET', req, 'cbq', ARGV[i + 5]) end
     if ARGV[i + 6] ~= '' then redis.call('HSET', req, 'meta', ARGV[i + 6]) end
-    redis.call('SET', prefix .. 'body:' .. id, ARGV[i + 4])
-    local members = by_buf[buf]
+    local members, bodies = by_buf[buf], bodies_by_buf[buf]
     if not members then
-      members = {}
-      by_buf[buf] = members
+      members, bodies = {}, {}
+      by_buf[buf], bodies_by_buf[buf] = members, bodies
       bytes_by_buf[buf] = 0
       order[#order + 1] = buf
     end
     members[#members + 1] = seq + position
     members[#members + 1] = id
+    bodies[#bodies + 1] = id
+    bodies[#bodies + 1] = ARGV[i + 4]
     bytes_by_buf[buf] = bytes_by_buf[buf] + tonumber(size)
   end
 end
 local out = {#order}
 for _, buf in ipairs(order) do
-  local members, pending = by_buf[buf], prefix .. 'pending:' .. buf
+  local members, bodies = by_buf[buf], bodies_by_buf[buf]
+  local pending = prefix .. 'pending:' .. buf
   -- unpack() is bounded by Lua's C stack, so add in chunks.
   for j = 1, #members, 1000 do
     redis.call('ZADD', pending, unpack(members, j, math.min(j + 999, #members)))
+    redis.call('HSET', prefix .. 'bodies:' .. buf, unpack(bodies, j, math.min(j + 999, #bodies)))
   end
   redis.call('HINCRBY', KEYS[1], buf, bytes_by_buf[buf])
   out[#out + 1] = buf

@@ -20,7 +20,7 @@ for i = 4, #ARGV, 3 do
       redis.call('HINCRBY', KEYS[1], f[4], -tonumber(f[5]))
     end
     redis.call('HSET', req, 'state', 'done', 'outcome', ARGV[i + 1], 'result', ARGV[i + 2])
-    redis.call('DEL', prefix .. 'body:' .. id)
+    redis.call('HDEL', prefix .. 'bodies:' .. f[4], id)
     redis.call('EXPIRE', req, ttl)
     if f[3] and f[3] ~= '' then
       redis.call('XADD', prefix .. 'cb:' .. f[3], '*', 'result', ARGV[i + 2])
