@@ -1,10 +1,13 @@
 """The client library services import to push single requests and receive their results."""
 
+from producer.aio import AsyncProducer, AsyncRequestHandle
 from producer.callback_queue import CallbackQueue, Delivery
 from producer.client import Producer, RequestHandle
 from shared.schemas import ErrorInfo, InvalidRequest, Result
 
 __all__ = [
+    "AsyncProducer",
+    "AsyncRequestHandle",
     "CallbackQueue",
     "Delivery",
     "ErrorInfo",

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, cast
+from typing import Any
 
 import hiredis
 from redis import Redis
 from redis.exceptions import NoScriptError
 
+from producer.protocol import (
+    RequestState,
+    cancel_args,
+    enqueue_args,
+    read_enqueue_reply,
+    read_state,
+    request_dict,
+)
 from producer.wakeup import AggregatorWaker
 from shared.embedded_redis import resolve_redis_url
-from shared.redis_layout import Keys, Scripts, buffer_name, text
+from shared.redis_layout import Keys, Scripts
 from shared.schemas import (
-    ErrorInfo,
     InvalidRequest,
     PreparedRequest,
     Result,
@@ -23,7 +30,6 @@ from shared.schemas import (
 )
 from shared.settings import Settings
 
-RequestState = Literal["pending", "batched", "completed", "failed", "cancelled", "unknown"]
 # Requests per enqueue script call: small enough that Redis works on one chunk while the next is
 # encoded, and that one call never blocks Redis for long.
 _CHUNK = 100
@@ -71,16 +77,14 @@ class Producer:
         **body_fields: Any,
     ) -> RequestHandle:
         """Validate one request and enqueue it in one round trip; returns its handle."""
-        request = {"model": model, "messages": messages, **body_fields}
-        for name, value in (
-            ("max_tokens", max_tokens),
-            ("callback_queue", callback_queue),
-            ("metadata", metadata),
-            ("idempotency_key", idempotency_key),
-            ("provider", provider),
-        ):
-            if value is not None:
-                request[name] = value
+        options = {
+            "max_tokens": max_tokens,
+            "callback_queue": callback_queue,
+            "metadata": metadata,
+            "idempotency_key": idempotency_key,
+            "provider": provider,
+        }
+        request = request_dict(model, messages, options, body_fields)
         prepared = prepare_request(
             request, default_provider=self._default_provider, max_line_bytes=self._max_line
         )
@@ -145,22 +149,12 @@ class Producer:
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a request still waiting in its buffer; False if it is already batched or done."""
-        result = Result(
-            request_id=request_id,
-            status="cancelled",
-            error=ErrorInfo(code="cancelled", message="cancelled by the producer"),
-        )
-        args = [self.keys.base, self.settings.result_ttl_seconds, "", request_id, "cancelled"]
-        finished = self._scripts.run("finish", [self.keys.buffers], [*args, result.to_json()])
-        return bool(finished)
+        args = cancel_args(self.keys, self.settings.result_ttl_seconds, request_id)
+        return bool(self._scripts.run("finish", [self.keys.buffers], args))
 
     def state(self, request_id: str) -> RequestState:
         """Where the request is now."""
-        reply: Any = self._client.hmget(self.keys.request(request_id), ["state", "outcome"])
-        state, outcome = reply
-        if state is None:
-            return "unknown"
-        return cast(RequestState, text(outcome if state == b"done" else state))
+        return read_state(self._client.hmget(self.keys.request(request_id), ["state", "outcome"]))
 
     def result(self, request_id: str) -> Result | None:
         """The request's result once it has one."""
@@ -178,34 +172,10 @@ class Producer:
         self.close()
 
     def _args(self, prepared: list[PreparedRequest]) -> list[Any]:
-        args: list[Any] = [
-            self.keys.base,
-            int(time.time() * 1000),
-            self.settings.idempotency_ttl_seconds,
-        ]
-        for p in prepared:
-            args += (
-                p.id,
-                buffer_name(p.provider, p.model),
-                p.line_bytes,
-                p.idempotency_key,
-                p.body,
-                p.callback_queue,
-                p.metadata,
-            )
-        return args
+        return enqueue_args(self.keys, self.settings.idempotency_ttl_seconds, prepared)
 
     def _handles(self, prepared: list[PreparedRequest], reply: list[Any]) -> list[RequestHandle]:
-        # reply: B, B pairs (buf, count), then pairs (position, existing id) for repeats.
-        n_bufs = int(reply[0])
-        ids = [p.id for p in prepared]
-        for i in range(1 + 2 * n_bufs, len(reply), 2):
-            ids[int(reply[i]) - 1] = reply[i + 1].decode()
-        full = {
-            reply[i].decode()
-            for i in range(1, 1 + 2 * n_bufs, 2)
-            if int(reply[i + 1]) >= self.settings.max_batch_requests
-        }
+        ids, full = read_enqueue_reply(prepared, reply, self.settings.max_batch_requests)
         if full:
             self._waker.wake(full)
         return [RequestHandle(request_id, self) for request_id in ids]

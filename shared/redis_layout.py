@@ -109,14 +109,17 @@ class Keys:
         return f"{self.prefix}:wake:{buf}"
 
 
+def script_source(name: str) -> str:
+    """The text of one Lua script from ``shared/redis_scripts``."""
+    return (resources.files("shared") / "redis_scripts" / f"{name}.lua").read_text("utf-8")
+
+
 class Scripts:
     """The Lua scripts, read from their ``.lua`` files once and registered on a client."""
 
     def __init__(self, client: Redis) -> None:
-        folder = resources.files("shared") / "redis_scripts"
         self._scripts: dict[str, Script] = {
-            name: client.register_script((folder / f"{name}.lua").read_text("utf-8"))
-            for name in _SCRIPT_NAMES
+            name: client.register_script(script_source(name)) for name in _SCRIPT_NAMES
         }
 
     def sha(self, name: str) -> str:

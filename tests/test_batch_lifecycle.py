@@ -258,3 +258,31 @@ def test_collect_batch_ignores_a_batch_not_ready_for_collection(ctx: WorkerConte
     (packed,) = pack_due_buffers(ctx)
     assert collect_batch(ctx, packed.id) is False
     assert collect_batch(ctx, "no-such-batch") is False
+
+
+def test_a_batch_the_provider_lost_sends_its_requests_round_again(ctx: WorkerContext) -> None:
+    # Given a submitted batch whose job the provider no longer knows (404 on poll)
+    ctx.settings = ctx.settings.model_copy(update={"max_wait_seconds": 0.01})
+    ids = submit(ctx, 10)
+    pack_due_buffers(ctx)
+    submit_ready_batches(ctx)
+    provider = local(ctx)
+    for job in provider.store.list_jobs():
+        (provider.store.root / "jobs" / f"{job.id}.json").unlink()
+    time.sleep(0.02)
+
+    # When it is polled and collected
+    poll_due_batches(ctx)
+    collect_ready_batches(ctx)
+
+    # Then nothing is delivered yet and every request is pending again for a new batch
+    assert delivered(ctx) == []
+    pending = ctx.redis.zrange(ctx.keys.pending(buffer_name("local", "m-a")), 0, -1)
+    assert sorted(p.decode() for p in pending) == sorted(ids)
+    with ctx.session() as session:
+        (batch,) = session.exec(select(Batch))
+    assert (batch.state, batch.outcome, batch.requeued_count) == ("finished", "lost", 10)
+
+    # And the next round completes them
+    drive(ctx)
+    assert sorted(r.request_id for r in delivered(ctx)) == sorted(ids)

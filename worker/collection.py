@@ -38,6 +38,7 @@ RETRYABLE_CODES = frozenset(
         "service_unavailable",
         "expired",
         "missing_result",
+        "batch_lost",
     }
 )
 
@@ -153,6 +154,9 @@ def _missing_outcome(request_id: str, batch: Batch) -> LineOutcome:
     if batch.outcome == "cancelled":
         error = ErrorInfo(code="batch_cancelled", message="the batch was cancelled")
         return LineOutcome(request_id, "cancelled", error=error)
+    if batch.outcome == "lost":
+        error = ErrorInfo(code="batch_lost", message=batch.error or "the provider lost the batch")
+        return LineOutcome(request_id, "failed", error=error)
     if batch.outcome == "expired":
         error = ErrorInfo(code="expired", message="the batch expired before this request ran")
         return LineOutcome(request_id, "failed", error=error)

@@ -137,12 +137,25 @@ def poll_batch(ctx: WorkerContext, batch: Batch) -> bool:
         job = ctx.provider(batch.provider).get_batch(batch.provider_batch_id)
     except ProviderError as exc:
         with ctx.session() as session:
-            kind = "retryable" if exc.retryable else "permanent"
-            update_batch(
-                session, batch.id, error=f"poll: {kind} error: {exc}", next_poll_at=next_poll
-            )
+            if exc.status_code == 404:
+                # The provider no longer knows the job: its results cannot be fetched, so the
+                # collector sends its requests round again (outcome "lost" is retryable).
+                transition(
+                    session,
+                    batch.id,
+                    BatchState.COLLECTING,
+                    expect=[BatchState.SUBMITTED],
+                    outcome="lost",
+                    error=f"permanent error: {exc}",
+                    next_poll_at=None,
+                )
+            else:
+                kind = "retryable" if exc.retryable else "permanent"
+                update_batch(
+                    session, batch.id, error=f"poll: {kind} error: {exc}", next_poll_at=next_poll
+                )
             session.commit()
-        return False
+        return exc.status_code == 404
     with ctx.session() as session:
         if not job.status.is_terminal:
             update_batch(

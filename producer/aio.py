@@ -1,0 +1,165 @@
+"""The asyncio producer: the same requests, scripts and guarantees as :class:`Producer`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from redis.asyncio import Redis
+
+from producer.protocol import (
+    RequestState,
+    cancel_args,
+    enqueue_args,
+    read_enqueue_reply,
+    read_state,
+    request_dict,
+)
+from producer.wakeup import AggregatorWaker
+from shared.embedded_redis import resolve_redis_url
+from shared.redis_layout import Keys, script_source
+from shared.schemas import InvalidRequest, PreparedRequest, Result, prepare_many, prepare_request
+from shared.settings import Settings
+
+_CHUNK = 500
+
+
+class AsyncProducer:
+    """Submits requests from asyncio code; create it inside the event loop that uses it."""
+
+    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.load()
+        self._url = redis_url or resolve_redis_url(self.settings)
+        self._client = Redis.from_url(self._url)
+        self.keys = Keys(self.settings.key_prefix)
+        self._enqueue = self._client.register_script(script_source("enqueue"))
+        self._finish = self._client.register_script(script_source("finish"))
+        self._default_provider = self.settings.default_provider
+        self._waker: AggregatorWaker | None = None
+
+    @classmethod
+    def from_env(cls) -> AsyncProducer:
+        """A producer configured from ``BATCHBRIDGE_*`` environment variables."""
+        return cls()
+
+    async def submit(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        callback_queue: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        provider: str | None = None,
+        **body_fields: Any,
+    ) -> AsyncRequestHandle:
+        """Validate one request and enqueue it in one round trip."""
+        options = {
+            "max_tokens": max_tokens,
+            "callback_queue": callback_queue,
+            "metadata": metadata,
+            "idempotency_key": idempotency_key,
+            "provider": provider,
+        }
+        prepared = prepare_request(
+            request_dict(model, messages, options, body_fields),
+            default_provider=self._default_provider,
+            max_line_bytes=self.settings.max_line_bytes,
+        )
+        return (await self._send([prepared]))[0]
+
+    async def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[AsyncRequestHandle]:
+        """Validate every request first, then enqueue them all."""
+        try:
+            prepared = prepare_many(
+                [dict(r) for r in requests],
+                default_provider=self._default_provider,
+                max_line_bytes=self.settings.max_line_bytes,
+            )
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"requests{exc.field}", exc.rule) from None
+        handles: list[AsyncRequestHandle] = []
+        for start in range(0, len(prepared), _CHUNK):
+            handles += await self._send(prepared[start : start + _CHUNK])
+        return handles
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a request still waiting in its buffer."""
+        args = cancel_args(self.keys, self.settings.result_ttl_seconds, request_id)
+        return bool(await self._finish(keys=[self.keys.buffers], args=args))
+
+    async def state(self, request_id: str) -> RequestState:
+        """Where the request is now."""
+        reply = await self._client.hmget(self.keys.request(request_id), ["state", "outcome"])
+        return read_state(reply)
+
+    async def result(self, request_id: str) -> Result | None:
+        """The request's result once it has one."""
+        raw: Any = await self._client.hget(self.keys.request(request_id), "result")
+        return Result.from_json(raw) if raw else None
+
+    async def aclose(self) -> None:
+        """Close the Redis connections."""
+        await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncProducer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _send(self, prepared: list[PreparedRequest]) -> list[AsyncRequestHandle]:
+        args = enqueue_args(self.keys, self.settings.idempotency_ttl_seconds, prepared)
+        reply = await self._enqueue(keys=[self.keys.buffers], args=args)
+        ids, full = read_enqueue_reply(prepared, reply, self.settings.max_batch_requests)
+        if full:
+            await asyncio.to_thread(self._wake, full)
+        return [AsyncRequestHandle(request_id, self) for request_id in ids]
+
+    def _wake(self, bufs: set[str]) -> None:
+        # The wake-up is rare and Celery's client is synchronous: run it in a thread.
+        if self._waker is None:
+            from redis import Redis as SyncRedis
+
+            self._waker = AggregatorWaker(SyncRedis.from_url(self._url), self.keys, self._url)
+        self._waker.wake(bufs)
+
+
+class AsyncRequestHandle:
+    """A submitted request, asked after from asyncio code."""
+
+    __slots__ = ("_producer", "id")
+
+    def __init__(self, request_id: str, producer: AsyncProducer) -> None:
+        self.id = request_id
+        self._producer = producer
+
+    async def status(self) -> RequestState:
+        """``pending``, ``batched``, ``completed``, ``failed``, ``cancelled`` or ``unknown``."""
+        return await self._producer.state(self.id)
+
+    async def result(self) -> Result | None:
+        """The result if the request has finished, else None."""
+        return await self._producer.result(self.id)
+
+    async def wait(self, timeout: float | None = None) -> Result:
+        """Wait until the request finishes; raises TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.02
+        while (result := await self.result()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"request {self.id} has no result after {timeout} s")
+            remaining = delay if deadline is None else deadline - time.monotonic()
+            await asyncio.sleep(max(0.0, min(delay, remaining)))
+            delay = min(delay * 1.5, 0.5)
+        return result
+
+    async def cancel(self) -> bool:
+        """Cancel the request if it is still in its buffer."""
+        return await self._producer.cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"AsyncRequestHandle({self.id!r})"

@@ -1,0 +1,51 @@
+"""The asyncio producer keeps the sync producer's guarantees against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis import Redis
+
+from producer import AsyncProducer, InvalidRequest, Producer
+from shared.redis_layout import Keys, buffer_name
+from shared.settings import Settings
+
+MESSAGES = [{"role": "user", "content": "Positive or negative: 'lovely'"}]
+
+
+def test_async_submit_is_idempotent_validates_and_cancels(
+    settings: Settings, redis_client: Redis
+) -> None:
+    async def scenario() -> tuple[str, str, list[str], str]:
+        async with AsyncProducer(settings=settings) as producer:
+            first = await producer.submit("m-a", MESSAGES, idempotency_key="k1", max_tokens=3)
+            again = await producer.submit("m-a", MESSAGES, idempotency_key="k1")
+            many = await producer.submit_many(
+                [{"model": "m-a", "messages": MESSAGES, "callback_queue": "svc"}] * 3
+            )
+            with pytest.raises(InvalidRequest) as err:
+                await producer.submit_many([{"model": "m-a", "messages": []}])
+            assert err.value.field == "requests[0].messages"
+            assert await many[0].cancel()
+            result = await many[0].wait(timeout=1)
+            assert result.status == "cancelled"
+            return first.id, again.id, [h.id for h in many], await many[1].status()
+
+    first, again, many, status = asyncio.run(scenario())
+    assert first == again
+    assert status == "pending"
+    pending = redis_client.zrange(Keys().pending(buffer_name("local", "m-a")), 0, -1)
+    assert [p.decode() for p in pending] == [first, many[1], many[2]]
+    # the sync producer sees the same requests
+    assert Producer(settings=settings).state(many[0]) == "cancelled"
+
+
+def test_async_wait_times_out(settings: Settings) -> None:
+    async def scenario() -> None:
+        async with AsyncProducer(settings=settings) as producer:
+            handle = await producer.submit("m-a", MESSAGES)
+            with pytest.raises(TimeoutError):
+                await handle.wait(timeout=0.1)
+
+    asyncio.run(scenario())
