@@ -572,7 +572,7 @@ def test_unknown_and_malformed_ids_are_not_found(
         store.file_path(stored.id)
 
 
-def test_a_failed_dispatch_fails_the_job_and_is_retryable(
+def test_a_failed_dispatch_leaves_the_job_waiting_for_a_later_run(
     tmp_path: Path, store: LocalStore
 ) -> None:
     # Given a provider whose dispatch is down
@@ -580,14 +580,16 @@ def test_a_failed_dispatch_fails_the_job_and_is_retryable(
         raise ConnectionError("broker unreachable")
 
     provider = LocalProvider(store, dispatch=broken)
-    file_id = provider.upload_file(write_jsonl(tmp_path / "in.jsonl", make_requests(1)))
+    file_id = provider.upload_file(write_jsonl(tmp_path / "in.jsonl", make_requests(3)))
 
-    # When a batch is created, then the error is retryable and the orphan job is FAILED
-    with pytest.raises(ProviderError) as info:
-        provider.create_batch(file_id, model=MODEL)
-    assert info.value.retryable is True
-    [orphan] = provider.list_batches()
-    assert orphan.status is ProviderBatchStatus.FAILED
+    # When a batch is created, the create succeeds and the job waits, alive, for a runner
+    created = provider.create_batch(file_id, model=MODEL)
+    [listed] = provider.list_batches()
+    assert listed.id == created.id and listed.status is ProviderBatchStatus.VALIDATING
+
+    # And a later run (the worker's sweep) completes it
+    run_job(store, created.id, EchoEngine())
+    assert provider.get_batch(created.id).status is ProviderBatchStatus.COMPLETED
 
 
 # Scale

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,8 +11,10 @@ from shared.limits import BATCH_ENDPOINT
 from shared.providers.base import ProviderBatch, ProviderBatchStatus, ProviderError
 from shared.providers.local._fs import copy_stream
 from shared.providers.local.faults import CallFaults, Faults
-from shared.providers.local.records import BatchJob, JobStatus
+from shared.providers.local.records import BatchJob
 from shared.providers.local.store import LocalStore, NotFound
+
+log = logging.getLogger(__name__)
 
 
 class LocalProvider:
@@ -59,14 +61,11 @@ class LocalProvider:
         if self._dispatch is not None:
             try:
                 self._dispatch(job.id)
-            except Exception as exc:
-                reason = str(exc)
-                # Fail the orphan so a retried create cannot leave two live jobs for one batch.
-                self.store.update_job(job.id, lambda j: _dispatch_failed(j, reason))
-                raise ProviderError(
-                    f"batch {job.id} created but could not be dispatched: {exc}",
-                    retryable=True,
-                ) from exc
+            except Exception:
+                # The job exists, as it would at a real provider once create returned: it stays
+                # VALIDATING until a sweep dispatches it again. Failing it here would fail every
+                # request of the batch over a momentary broker hiccup.
+                log.warning("local job %s created but not dispatched yet", job.id, exc_info=True)
             job = self.store.get_job(job.id)
         return to_provider_batch(job)
 
@@ -131,14 +130,3 @@ def to_provider_batch(job: BatchJob) -> ProviderBatch:
 
 def _utc(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=UTC)
-
-
-def _dispatch_failed(job: BatchJob, reason: str) -> BatchJob:
-    if job.is_terminal:
-        return job
-    return replace(
-        job,
-        status=JobStatus.FAILED,
-        error=f"could not dispatch the batch: {reason}",
-        completed_at=job.created_at,
-    )
