@@ -165,17 +165,17 @@ def test_a_claim_abandoned_mid_pack_goes_back_to_the_buffer(
 def test_a_slow_packer_loses_to_the_reaper_without_duplicating_requests(
     worker_context: WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a claim the reaper gives up on while its packer is still writing
+    # Given a claim the reaper gives up on before its packer got to record it
     ctx = with_settings(worker_context, max_batch_requests=3, claim_timeout_seconds=0.05)
     submit(ctx, 3)
-    original = packing.write_batch_file
+    original = packing.request_rows
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         time.sleep(0.1)
         reap_abandoned_claims(ctx)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(packing, "write_batch_file", slow)
+    monkeypatch.setattr(packing, "request_rows", slow)
     result = pack_buffer(ctx, buffer_name("local", "m-a"))
 
     # Then the packer's commit fails, its file is dropped, and the requests are pending once

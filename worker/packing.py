@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
@@ -29,7 +31,7 @@ from shared.redis_layout import split_buffer_name, text
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
-_READ_CHUNK = 1000
+_READ_CHUNK = 5000  # requests per HMGET of bodies: ~5 MB, few round trips
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,80 +95,102 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     reason = text(raw_reason)
     provider, model = split_buffer_name(buf)
     path = ctx.batch_dir / provider / f"{batch_id}.jsonl"
-    rows = write_batch_file(ctx, batch_id, buf, claimed, path)
     batch = Batch(
         id=batch_id,
         provider=provider,
         model=model,
         state=BatchState.PACKED.value,
-        request_count=len(rows),
-        bytes=path.stat().st_size,
+        request_count=int(count),
+        bytes=int(size),  # the sum of the claimed lines' sizes: exactly the file's length
         flush_reason=reason,
         file_path=str(path),
         next_poll_at=utcnow(),
     )
-    try:
-        with ctx.session() as session:
-            session.add(batch)
-            session.flush()
-            upsert_requests(session, rows)
-            session.commit()
-    except IntegrityError:
-        # The reaper gave up on this claim first and returned its requests to the buffer.
-        log.warning("batch %s was reaped before it was recorded; discarding its file", batch_id)
-        path.unlink(missing_ok=True)
-        return None
+    rows = request_rows(batch_id, claimed)
+    # The SQL rows depend only on the claim, so they are written while the file is; the
+    # transaction commits only once the file is durable, which keeps the commit point.
+    file_done = threading.Event()
+    file_failed = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        recording = pool.submit(_record, ctx, batch, rows, file_done, file_failed)
+        try:
+            write_batch_file(ctx, batch_id, buf, claimed, path)
+        except BaseException:
+            file_failed.set()
+            raise
+        finally:
+            file_done.set()
+        try:
+            recording.result()
+        except IntegrityError:
+            # The reaper gave up on this claim first and returned its requests to the buffer.
+            log.warning("batch %s was reaped before it was recorded; discarding it", batch_id)
+            path.unlink(missing_ok=True)
+            return None
     release_claim(ctx, batch_id)
     log.info("packed batch %s: %d requests, %d bytes (%s)", batch_id, count, size, reason)
-    return PackedBatch(batch_id, provider, model, len(rows), batch.bytes, reason, path)
+    return PackedBatch(batch_id, provider, model, int(count), int(size), reason, path)
+
+
+def _record(
+    ctx: WorkerContext,
+    batch: Batch,
+    rows: list[dict[str, Any]],
+    file_done: threading.Event,
+    file_failed: threading.Event,
+) -> None:
+    with ctx.session() as session:
+        session.add(batch)
+        session.flush()  # a reaper's tombstone under this id fails here, before any more work
+        upsert_requests(session, rows)
+        file_done.wait()
+        if file_failed.is_set():
+            session.rollback()
+            return
+        session.commit()
+
+
+def request_rows(batch_id: str, claimed: list[Any]) -> list[dict[str, Any]]:
+    """SQL rows for the claim script's flat (id, enq, cbq, attempts) list."""
+    return [
+        {
+            "id": text(claimed[i]),
+            "batch_id": batch_id,
+            "state": RequestState.BATCHED.value,
+            "attempts": int(claimed[i + 3]) + 1,
+            "callback_queue": text(claimed[i + 2]),
+            "enqueued_at_ms": int(claimed[i + 1]),
+        }
+        for i in range(0, len(claimed), 4)
+    ]
 
 
 def write_batch_file(
     ctx: WorkerContext, batch_id: str, buf: str, claimed: list[Any], path: Path
-) -> list[dict[str, Any]]:
-    """Stream the claimed requests into ``path`` as Together JSONL; return their SQL rows.
+) -> None:
+    """Stream the claimed requests into ``path`` as Together JSONL, fsynced and renamed.
 
     ``claimed`` is the claim script's flat list of (id, enq, cbq, attempts) per request.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
-    rows: list[dict[str, Any]] = []
-    step = 4 * _READ_CHUNK
+    ids = claimed[::4]
     with open(tmp, "wb", buffering=1 << 20) as out:
-        for start in range(0, len(claimed), step):
-            chunk = claimed[start : start + step]
-            bodies = ctx.redis.hmget(ctx.keys.bodies(buf), chunk[::4])
-            rows.extend(_write_chunk(batch_id, chunk, bodies, out))  # type: ignore[arg-type]
+        for start in range(0, len(ids), _READ_CHUNK):
+            chunk = ids[start : start + _READ_CHUNK]
+            bodies: list[Any] = ctx.redis.hmget(ctx.keys.bodies(buf), chunk)
+            lines = []
+            for request_id, body in zip(chunk, bodies, strict=True):
+                if body is None:
+                    # Only a Redis that lost data gets here; the collector then reports the
+                    # request as not executed and it goes round again until out of attempts.
+                    log.error("request %s has no body; left out of batch %s", request_id, batch_id)
+                    continue
+                lines.append(b'{"custom_id":"' + request_id + b'","body":' + body + b"}\n")
+            out.write(b"".join(lines))
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
-    return rows
-
-
-def _write_chunk(
-    batch_id: str, chunk: list[Any], bodies: list[bytes | None], out: BinaryIO
-) -> list[dict[str, Any]]:
-    rows = []
-    lines = []
-    for i, body in enumerate(bodies):
-        request_id, enq, cbq, attempts = chunk[4 * i : 4 * i + 4]
-        if body is None:
-            # Only a Redis that lost data gets here; the collector reports it as not executed.
-            log.error("request %s has no body; left out of batch %s", request_id, batch_id)
-            continue
-        lines.append(b'{"custom_id":"' + request_id + b'","body":' + body + b"}\n")
-        rows.append(
-            {
-                "id": request_id.decode(),
-                "batch_id": batch_id,
-                "state": RequestState.BATCHED.value,
-                "attempts": int(attempts) + 1,
-                "callback_queue": cbq.decode(),
-                "enqueued_at_ms": int(enq),
-            }
-        )
-    out.write(b"".join(lines))
-    return rows
 
 
 def release_claim(ctx: WorkerContext, batch_id: str) -> None:
