@@ -116,6 +116,21 @@ def time_phases(module: Any, names: tuple[str, ...]) -> dict[str, float]:
     return spent
 
 
+def warm_up(ctx: Any, settings: Any) -> None:
+    """Pack a 10-request batch of another model first, as a long-running worker already has.
+
+    A worker packs many batches in one process; the first one also pays one-off costs (script
+    loading, SQL statement compilation, opening the database) that are not packing's.
+    """
+    from producer import Producer
+    from shared.redis_layout import buffer_name
+    from worker import packing
+
+    producer = Producer(settings=settings, client=ctx.redis)
+    producer.submit_many([{**chat_request(), "model": "warm-up"}] * 10)
+    packing.pack_buffer(ctx, buffer_name(settings.default_provider, "warm-up"), force=True)
+
+
 def child(config: dict[str, Any]) -> dict[str, Any]:
     """Pack the buffer in this fresh process and describe what came out."""
     # Imported here, not at the top, so the parent (the filler) does not pay for them.
@@ -123,9 +138,10 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     from worker import packing
     from worker.context import WorkerContext
 
-    ctx = WorkerContext.create(Settings.load(**config["settings"]))
+    settings = Settings.load(**config["settings"])
+    ctx = WorkerContext.create(settings)
     try:
-        ctx.redis.ping()
+        warm_up(ctx, settings)
         rss_before = current_rss_mb()
         peak_before = peak_rss_mb()
         if config["profile"]:
