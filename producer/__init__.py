@@ -2,7 +2,7 @@
 
 from producer.aio import AsyncProducer, AsyncRequestHandle
 from producer.callback_queue import CallbackQueue, Delivery
-from producer.client import Producer, RequestHandle
+from producer.client import PartialSubmitError, Producer, RequestHandle
 from shared.schemas import ErrorInfo, InvalidRequest, Result
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Delivery",
     "ErrorInfo",
     "InvalidRequest",
+    "PartialSubmitError",
     "Producer",
     "RequestHandle",
     "Result",

@@ -88,7 +88,8 @@ class AsyncProducer:
 
     async def cancel(self, request_id: str) -> bool:
         """Cancel a request still waiting in its buffer."""
-        args = cancel_args(self.keys, self.settings.result_ttl_seconds, request_id)
+        meta = await self._client.hget(self.keys.request(request_id), "meta")
+        args = cancel_args(self.keys, self.settings.result_ttl_seconds, request_id, meta)
         return bool(await self._finish(keys=[self.keys.buffers], args=args))
 
     async def state(self, request_id: str) -> RequestState:

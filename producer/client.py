@@ -8,7 +8,7 @@ from typing import Any
 
 import hiredis
 from redis import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from producer.protocol import (
     RequestState,
@@ -105,10 +105,17 @@ class Producer:
         except InvalidRequest as exc:
             raise InvalidRequest(f"requests{exc.field}", exc.rule) from None
         chunks = [prepared[i : i + _CHUNK] for i in range(0, len(prepared), _CHUNK)]
-        handles: list[RequestHandle] = []
+        handles: list[RequestHandle | None] = []
+        failure: Exception | None = None
         for chunk, reply in zip(chunks, self._enqueue_chunks(chunks), strict=True):
-            handles.extend(self._handles(chunk, reply))
-        return handles
+            if isinstance(reply, Exception):
+                failure = failure or reply
+                handles.extend([None] * len(chunk))
+            else:
+                handles.extend(self._handles(chunk, reply))
+        if failure is not None:
+            raise PartialSubmitError(handles, failure)
+        return handles  # type: ignore[return-value]  # no None left when nothing failed
 
     def _enqueue_chunks(self, chunks: list[list[PreparedRequest]]) -> list[Any]:
         """Send every chunk before reading any reply, on one connection.
@@ -133,6 +140,10 @@ class Producer:
                     except NoScriptError:
                         missing.append(i)  # not run at all, so sending it again is safe
                         continue
+                    except ResponseError as exc:
+                        # Read on: later chunks may have been enqueued, and the caller must
+                        # learn which (an error reply leaves the connection usable).
+                        reply = exc
                     replies.append((i, reply))
                 if not missing:
                     break
@@ -149,7 +160,8 @@ class Producer:
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a request still waiting in its buffer; False if it is already batched or done."""
-        args = cancel_args(self.keys, self.settings.result_ttl_seconds, request_id)
+        meta = self._client.hget(self.keys.request(request_id), "meta")
+        args = cancel_args(self.keys, self.settings.result_ttl_seconds, request_id, meta)
         return bool(self._scripts.run("finish", [self.keys.buffers], args))
 
     def state(self, request_id: str) -> RequestState:
@@ -185,6 +197,19 @@ def _pack(args: tuple[Any, ...]) -> Any:
     # hiredis encodes a command in C; redis-py's own packer walks every argument in Python
     # first, which costs more than the rest of submit_many put together.
     return hiredis.pack_command(args)
+
+
+class PartialSubmitError(RuntimeError):
+    """Redis refused part of a submit_many; ``handles`` has None where a request was not stored.
+
+    Requests with a handle were enqueued; resubmitting the others (with idempotency keys, to
+    be safe) completes the call.
+    """
+
+    def __init__(self, handles: list[RequestHandle | None], cause: Exception) -> None:
+        stored = sum(h is not None for h in handles)
+        super().__init__(f"{stored} of {len(handles)} requests were enqueued; Redis said: {cause}")
+        self.handles = handles
 
 
 class RequestHandle:

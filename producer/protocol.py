@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, cast
 
+import orjson
+
 from shared.redis_layout import Keys, buffer_name, text
 from shared.schemas import ErrorInfo, PreparedRequest, Result
 
@@ -49,12 +51,16 @@ def read_enqueue_reply(
     return ids, full
 
 
-def cancel_args(keys: Keys, result_ttl: int, request_id: str) -> list[Any]:
-    """ARGV for ``finish.lua`` cancelling a request still in its buffer."""
+def cancel_args(keys: Keys, result_ttl: int, request_id: str, metadata: Any) -> list[Any]:
+    """ARGV for ``finish.lua`` cancelling a request still in its buffer.
+
+    ``metadata`` is the request's stored ``meta`` field (JSON bytes, or None).
+    """
     result = Result(
         request_id=request_id,
         status="cancelled",
         error=ErrorInfo(code="cancelled", message="cancelled by the producer"),
+        metadata=orjson.loads(metadata) if metadata else None,
     )
     return [keys.base, result_ttl, "", request_id, "cancelled", result.to_json()]
 

@@ -72,7 +72,7 @@ def transition(
         update(Batch)
         .where(Batch.id == batch_id)  # type: ignore[arg-type]
         .where(Batch.state.in_([s.value for s in expected]))  # type: ignore[attr-defined]
-        .values(state=to.value, updated_at=utcnow(), **fields)
+        .values(state=to.value, updated_at=utcnow(), **_clipped(fields))
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -82,8 +82,19 @@ def update_batch(session: Session, batch_id: str, **fields: Any) -> None:
     session.execute(
         update(Batch)
         .where(Batch.id == batch_id)  # type: ignore[arg-type]
-        .values(updated_at=utcnow(), **fields)
+        .values(updated_at=utcnow(), **_clipped(fields))
     )
+
+
+# Provider text ends up in these columns; a 502 page must not overflow them on PostgreSQL.
+_CLIP = {"error": 4000, "provider_status": 64, "output_file_id": 128, "error_file_id": 128}
+
+
+def _clipped(fields: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: value[: _CLIP[key]] if key in _CLIP and isinstance(value, str) else value
+        for key, value in fields.items()
+    }
 
 
 def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
@@ -160,12 +171,13 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
     session.connection().execute(stmt, params)
 
 
-def batches_in(session: Session, states: Iterable[BatchState], limit: int = 100) -> list[Batch]:
-    """Batches in any of ``states``, oldest first."""
+def due_for_submit(session: Session, now: datetime, limit: int = 100) -> list[Batch]:
+    """Packed or uploaded batches whose (re)try time has come, oldest first."""
     stmt = (
         select(Batch)
-        .where(Batch.state.in_([s.value for s in states]))  # type: ignore[attr-defined]
-        .order_by(Batch.created_at)  # type: ignore[arg-type]
+        .where(Batch.state.in_([BatchState.PACKED.value, BatchState.UPLOADED.value]))  # type: ignore[attr-defined]
+        .where(Batch.next_poll_at <= now)  # type: ignore[operator]
+        .order_by(Batch.next_poll_at)  # type: ignore[arg-type]
         .limit(limit)
     )
     return list(session.exec(stmt))

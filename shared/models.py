@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger
+from sqlalchemy import BigInteger, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -65,18 +65,19 @@ class Batch(SQLModel, table=True):
     file_path: str = Field(default="", max_length=1024)
     provider_file_id: str | None = Field(default=None, max_length=128)
     provider_batch_id: str | None = Field(default=None, max_length=128)
-    provider_status: str | None = Field(default=None, max_length=32)
+    provider_status: str | None = Field(default=None, max_length=64)
     outcome: str | None = Field(default=None, max_length=16)
-    error: str | None = Field(default=None, max_length=2000)
+    error: str | None = Field(default=None, sa_type=Text)
     output_file_id: str | None = Field(default=None, max_length=128)
     error_file_id: str | None = Field(default=None, max_length=128)
     submit_attempts: int = 0
     poll_count: int = 0
+    not_found_polls: int = 0  # consecutive polls the provider answered 404
     completed_count: int = 0
     failed_count: int = 0
     requeued_count: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: int = Field(default=0, sa_type=BigInteger)
+    completion_tokens: int = Field(default=0, sa_type=BigInteger)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     submitted_at: datetime | None = None
@@ -99,7 +100,7 @@ class Request(SQLModel, table=True):
     attempts: int = 1
     callback_queue: str = Field(default="", max_length=128)
     error_code: str | None = Field(default=None, max_length=64)
-    error_message: str | None = Field(default=None, max_length=2000)
+    error_message: str | None = Field(default=None, sa_type=Text)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # Epoch milliseconds: a plain integer keeps inserting 50,000 rows per batch cheap.

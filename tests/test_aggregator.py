@@ -198,3 +198,38 @@ def test_reaper_only_drops_leftover_keys_of_a_committed_claim(
     assert ctx.redis.zcard(ctx.keys.pending(buffer_name("local", "m-a"))) == 0
     with ctx.session() as session:
         assert session.get(Batch, batch.id).state == BatchState.PACKED  # type: ignore[union-attr]
+
+
+def test_a_reap_that_died_after_its_tombstone_is_finished_by_the_next(
+    worker_context: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a reaper that recorded its tombstone and died before unclaiming
+    ctx = with_settings(worker_context, max_batch_requests=4, claim_timeout_seconds=0.05)
+    ids = submit(ctx, 4)
+    with monkeypatch.context() as patch:
+        patch.setattr(packing, "write_batch_file", _crash)
+        with pytest.raises(KeyboardInterrupt):
+            pack_buffer(ctx, buffer_name("local", "m-a"))
+    time.sleep(0.06)
+    original = ctx.scripts.run
+
+    def die_on_unclaim(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "unclaim":
+            raise KeyboardInterrupt("reaper killed")
+        return original(name, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ctx.scripts, "run", die_on_unclaim)
+        with pytest.raises(KeyboardInterrupt):
+            reap_abandoned_claims(ctx)
+
+    # When the next reap runs
+    assert reap_abandoned_claims(ctx) == 4
+
+    # Then the requests are pending again rather than stranded
+    pending = ctx.redis.zrange(ctx.keys.pending(buffer_name("local", "m-a")), 0, -1)
+    assert sorted(p.decode() for p in pending) == sorted(ids)
+
+
+def _crash(*_args: object, **_kwargs: object) -> None:
+    raise KeyboardInterrupt("packer killed")

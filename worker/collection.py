@@ -19,8 +19,9 @@ import orjson
 from sqlalchemy import func
 from sqlmodel import select
 
-from shared.db import finish_requests, transition
+from shared.db import finish_requests, transition, update_batch
 from shared.models import Batch, BatchState, Request, RequestState, utcnow
+from shared.providers.base import ProviderError
 from shared.schemas import ErrorInfo, Result
 from worker.context import WorkerContext
 
@@ -37,8 +38,12 @@ RETRYABLE_CODES = frozenset(
         "overloaded",
         "service_unavailable",
         "expired",
+        "batch_expired",
         "missing_result",
         "batch_lost",
+        "batch_unsent",
+        "http_408",
+        "http_429",
     }
 )
 
@@ -55,7 +60,10 @@ class LineOutcome:
     @property
     def retryable(self) -> bool:
         """Whether a failure could succeed in a later batch."""
-        return self.error is not None and self.error.code in RETRYABLE_CODES
+        if self.error is None:
+            return False
+        code = self.error.code
+        return code in RETRYABLE_CODES or (code.startswith("http_5") and len(code) == 8)
 
 
 def collect_ready_batches(ctx: WorkerContext) -> list[str]:
@@ -68,8 +76,16 @@ def collect_ready_batches(ctx: WorkerContext) -> list[str]:
     done = []
     for batch_id in ids:
         with ctx.lease(f"batch:{batch_id}", ctx.settings.task_time_limit_seconds) as mine:
-            if mine and collect_batch(ctx, batch_id):
-                done.append(batch_id)
+            if not mine:
+                continue
+            try:
+                if collect_batch(ctx, batch_id):
+                    done.append(batch_id)
+            except Exception as exc:  # one bad batch must not stall the rest; retried next beat
+                log.exception("collecting batch %s failed", batch_id)
+                with ctx.session() as session:
+                    update_batch(session, batch_id, error=f"collect failed: {exc!r}")
+                    session.commit()
     return done
 
 
@@ -86,12 +102,18 @@ def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
     workdir = ctx.results_dir / batch_id
     workdir.mkdir(parents=True, exist_ok=True)
     fan_out = _FanOut(ctx, batch, attempts)
-    provider = ctx.provider(batch.provider)
     for file_id, name in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
         if not file_id:
             continue
         path = workdir / f"{name}.jsonl"
-        provider.download_file(file_id, path)
+        try:
+            ctx.provider(batch.provider).download_file(file_id, path)
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            # The file is gone for good: its requests count as not executed (and go round again).
+            log.error("batch %s: %s file %s cannot be fetched: %s", batch_id, name, file_id, exc)
+            continue
         for outcome in read_result_lines(path):
             fan_out.add(outcome)
     fan_out.flush()
@@ -131,7 +153,7 @@ def parse_result_line(custom_id: str, line: dict[str, Any]) -> LineOutcome:
             custom_id,
             "failed",
             error=ErrorInfo(
-                code=str(info.get("code") or "provider_error"),
+                code=str(info.get("code") or "provider_error")[:64],
                 message=str(info.get("message") or "the provider reported an error"),
             ),
         )
@@ -154,6 +176,9 @@ def _missing_outcome(request_id: str, batch: Batch) -> LineOutcome:
     if batch.outcome == "cancelled":
         error = ErrorInfo(code="batch_cancelled", message="the batch was cancelled")
         return LineOutcome(request_id, "cancelled", error=error)
+    if batch.outcome == "unsent":
+        error = ErrorInfo(code="batch_unsent", message=batch.error or "the batch was not sent")
+        return LineOutcome(request_id, "failed", error=error)
     if batch.outcome == "lost":
         error = ErrorInfo(code="batch_lost", message=batch.error or "the provider lost the batch")
         return LineOutcome(request_id, "failed", error=error)
@@ -194,8 +219,11 @@ class _FanOut:
             return
         ctx, keys = self.ctx, self.ctx.keys
         max_attempts = ctx.settings.max_attempts
-        retry = [o for o in chunk if o.retryable and self.attempts[o.request_id] < max_attempts]
-        final = [o for o in chunk if o not in retry]
+        retry: list[LineOutcome] = []
+        final: list[LineOutcome] = []
+        for o in chunk:
+            again = o.retryable and self.attempts[o.request_id] < max_attempts
+            (retry if again else final).append(o)
         metas = ctx.redis.pipeline(transaction=False)
         for o in final:
             metas.hget(keys.request(o.request_id), "meta")

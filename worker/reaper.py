@@ -43,8 +43,12 @@ def reap_abandoned_claims(ctx: WorkerContext) -> int:
                 session.add(tombstone)
                 session.commit()
         except IntegrityError:
-            release_claim(ctx, batch_id)  # the packer committed; only its cleanup was lost
-            continue
+            with ctx.session() as session:
+                existing = session.get(Batch, batch_id)
+            if existing is None or existing.state != BatchState.ABANDONED:
+                release_claim(ctx, batch_id)  # the packer committed; only its cleanup was lost
+                continue
+            # Our own tombstone from a reap that died before unclaiming: finish that reap.
         n = ctx.scripts.run(
             "unclaim",
             [

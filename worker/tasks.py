@@ -64,7 +64,9 @@ def _dispatch_local(job_id: str) -> None:
 def aggregate(force: bool = False) -> int:
     """Pack every due buffer into batch files; returns how many batches were packed."""
     ctx = context()
-    with ctx.lease("aggregate", ctx.settings.task_time_limit_seconds) as mine:
+    # Short, so a worker killed mid-pack stalls packing briefly; an overlap is only wasteful,
+    # since claims are atomic.
+    with ctx.lease("aggregate", 60) as mine:
         if not mine:
             return 0
         packed = pack_due_buffers(ctx, force=force)
@@ -101,7 +103,9 @@ def collect() -> int:
 @app.task(name=task_names.REAP)
 def reap() -> int:
     """Return abandoned claims to their buffers."""
-    return reap_abandoned_claims(context())
+    ctx = context()
+    with ctx.lease("reap", 120) as mine:
+        return reap_abandoned_claims(ctx) if mine else 0
 
 
 @app.task(name=task_names.LOCAL_RUN)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import together
 from together import Together
 
@@ -54,8 +55,10 @@ class TogetherProvider:
 
     def create_batch(self, input_file_id: str, *, model: str) -> ProviderBatch:
         """Create a batch job over an uploaded file (the model comes from its lines)."""
+        # No SDK retries here: a retried POST after a lost response would create (and bill) a
+        # second job. The worker retries on a later beat, after looking for the first one.
         with _mapped_errors("create batch"):
-            created = self._client.batches.create(
+            created = self._client.with_options(max_retries=0).batches.create(
                 input_file_id=input_file_id, endpoint="/v1/chat/completions"
             )
         if created.job is None or not created.job.id:
@@ -131,6 +134,11 @@ def _mapped_errors(action: str) -> Iterator[None]:
         ) from exc
     except together.APIConnectionError as exc:  # includes timeouts
         raise ProviderError(f"Together {action} failed: {exc}", retryable=True) from exc
+    except FileNotFoundError as exc:
+        raise ProviderError(f"Together {action} failed: {exc}", retryable=False) from exc
+    except (together.TogetherError, httpx.HTTPError, OSError) as exc:
+        # Anything else from the SDK or the stream (a malformed response, a dropped download).
+        raise ProviderError(f"Together {action} failed: {exc!r}", retryable=True) from exc
 
 
 def _message(exc: together.APIStatusError) -> str:
