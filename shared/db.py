@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,11 @@ def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     compiled = stmt.compile(dialect=session.get_bind().dialect, column_keys=list(rows[0]))
     if compiled.positional:
         order = compiled.positiontup or []
-        params: list[Any] = [
-            tuple(defaults.get(k) if k not in r else r[k] for k in order) for r in rows
-        ]
+        # Rows that give every column (as the packer's do) convert at C speed.
+        if all(k in rows[0] for k in order):
+            params: list[Any] = list(map(itemgetter(*order), rows))
+        else:
+            params = [tuple(r[k] if k in r else defaults.get(k) for k in order) for r in rows]
     else:
         params = [{**defaults, **row} for row in rows]
     session.connection().exec_driver_sql(str(compiled), params)

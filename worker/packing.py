@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,75 +104,51 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         file_path=str(path),
         next_poll_at=utcnow(),
     )
+    write_batch_file(ctx, batch_id, buf, claimed[::4], path)
     rows = request_rows(batch_id, claimed)
-    # The SQL rows depend only on the claim, so they are written while the file is; the
-    # transaction commits only once the file is durable, which keeps the commit point.
-    file_done = threading.Event()
-    file_failed = threading.Event()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        recording = pool.submit(_record, ctx, batch, rows, file_done, file_failed)
-        try:
-            write_batch_file(ctx, batch_id, buf, claimed, path)
-        except BaseException:
-            file_failed.set()
-            raise
-        finally:
-            file_done.set()
-        try:
-            recording.result()
-        except IntegrityError:
-            # The reaper gave up on this claim first and returned its requests to the buffer.
-            log.warning("batch %s was reaped before it was recorded; discarding it", batch_id)
-            path.unlink(missing_ok=True)
-            return None
+    try:
+        with ctx.session() as session:
+            session.add(batch)
+            session.flush()  # a reaper's tombstone under this id fails here
+            upsert_requests(session, rows)
+            session.commit()
+    except IntegrityError:
+        # The reaper gave up on this claim first and returned its requests to the buffer.
+        log.warning("batch %s was reaped before it was recorded; discarding it", batch_id)
+        path.unlink(missing_ok=True)
+        return None
     release_claim(ctx, batch_id)
     log.info("packed batch %s: %d requests, %d bytes (%s)", batch_id, count, size, reason)
     return PackedBatch(batch_id, provider, model, int(count), int(size), reason, path)
 
 
-def _record(
-    ctx: WorkerContext,
-    batch: Batch,
-    rows: list[dict[str, Any]],
-    file_done: threading.Event,
-    file_failed: threading.Event,
-) -> None:
-    with ctx.session() as session:
-        session.add(batch)
-        session.flush()  # a reaper's tombstone under this id fails here, before any more work
-        upsert_requests(session, rows)
-        file_done.wait()
-        if file_failed.is_set():
-            session.rollback()
-            return
-        session.commit()
-
-
-def request_rows(batch_id: str, claimed: list[Any]) -> list[dict[str, Any]]:
+def request_rows(batch_id: str, claimed: list[bytes]) -> list[dict[str, Any]]:
     """SQL rows for the claim script's flat (id, enq, cbq, attempts) list."""
+    state = RequestState.BATCHED.value
+    # Every column is given (defaults too) so the insert can take the rows as they are.
     return [
         {
-            "id": text(claimed[i]),
+            "id": request_id.decode(),
             "batch_id": batch_id,
-            "state": RequestState.BATCHED.value,
-            "attempts": int(claimed[i + 3]) + 1,
-            "callback_queue": text(claimed[i + 2]),
-            "enqueued_at_ms": int(claimed[i + 1]),
+            "state": state,
+            "attempts": int(attempts) + 1,
+            "callback_queue": cbq.decode(),
+            "enqueued_at_ms": int(enq),
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
         }
-        for i in range(0, len(claimed), 4)
+        for request_id, enq, cbq, attempts in zip(
+            claimed[0::4], claimed[1::4], claimed[2::4], claimed[3::4], strict=True
+        )
     ]
 
 
 def write_batch_file(
-    ctx: WorkerContext, batch_id: str, buf: str, claimed: list[Any], path: Path
+    ctx: WorkerContext, batch_id: str, buf: str, ids: list[bytes], path: Path
 ) -> None:
-    """Stream the claimed requests into ``path`` as Together JSONL, fsynced and renamed.
-
-    ``claimed`` is the claim script's flat list of (id, enq, cbq, attempts) per request.
-    """
+    """Stream the claimed requests into ``path`` as Together JSONL, fsynced and renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
-    ids = claimed[::4]
     with open(tmp, "wb", buffering=1 << 20) as out:
         for start in range(0, len(ids), _READ_CHUNK):
             chunk = ids[start : start + _READ_CHUNK]
