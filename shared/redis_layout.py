@@ -37,6 +37,7 @@ _SCRIPT_NAMES = (
     "requeue",
     "finish",
     "release_lease",
+    "renew_lease",
 )
 
 

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     poll_interval_seconds: float = Field(default=30.0, gt=0)
     reap_interval_seconds: float = Field(default=60.0, gt=0)
     claim_timeout_seconds: float = Field(default=600.0, gt=0)
+    # Leases are renewed while held: this bounds how long a dead worker's batch stays taken.
+    lease_seconds: float = Field(default=30.0, ge=1)
 
     max_attempts: int = Field(default=3, ge=1, le=100)
     result_ttl_seconds: int = Field(default=7 * 86_400, ge=60)

@@ -18,9 +18,8 @@ CHAOS = {
     "poll_interval_seconds": 0.3,
     "aggregate_interval_seconds": 0.3,
     "submit_interval_seconds": 0.3,
-    # Leases last as long as the task limit: short here so a dead worker's expire quickly.
-    "task_time_limit_seconds": 10,
-    "visibility_timeout_seconds": 30,
+    # Short, so the dead worker's leases (no longer renewed) expire quickly.
+    "lease_seconds": 3,
 }
 
 

@@ -75,7 +75,7 @@ def collect_ready_batches(ctx: WorkerContext) -> list[str]:
         ids = list(session.exec(stmt))
     done = []
     for batch_id in ids:
-        with ctx.lease(f"batch:{batch_id}", ctx.settings.task_time_limit_seconds) as mine:
+        with ctx.lease(f"batch:{batch_id}") as mine:
             if not mine:
                 continue
             try:

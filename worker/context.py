@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ from shared.providers.base import BatchProvider
 from shared.providers.registry import build_provider
 from shared.redis_layout import Keys, Scripts
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,16 +73,39 @@ class WorkerContext:
         return self.settings.data_dir / "results"
 
     @contextlib.contextmanager
-    def lease(self, name: str, seconds: float) -> Iterator[bool]:
-        """A best-effort single-flight lease: yields False if someone else holds it."""
+    def lease(self, name: str, seconds: float | None = None) -> Iterator[bool]:
+        """A best-effort single-flight lease: yields False if someone else holds it.
+
+        While held it is renewed in the background, so it can be short: a worker that dies
+        (even by SIGKILL) stops renewing and its work is free again within ``seconds``.
+        """
         key = self.keys.lock(name)
         token = f"{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}".encode()
-        acquired = bool(self.redis.set(key, token, nx=True, px=int(seconds * 1000)))
+        ttl_ms = int((seconds or self.settings.lease_seconds) * 1000)
+        acquired = bool(self.redis.set(key, token, nx=True, px=ttl_ms))
+        if not acquired:
+            yield False
+            return
+        done = threading.Event()
+        renewer = threading.Thread(
+            target=self._renew, args=(key, token, ttl_ms, done), daemon=True, name=f"lease {name}"
+        )
+        renewer.start()
         try:
-            yield acquired
+            yield True
         finally:
-            if acquired:
-                self.scripts.run("release_lease", [key], [token])
+            done.set()
+            renewer.join()
+            self.scripts.run("release_lease", [key], [token])
+
+    def _renew(self, key: str, token: bytes, ttl_ms: int, done: threading.Event) -> None:
+        while not done.wait(ttl_ms / 3000):
+            try:
+                if not self.scripts.run("renew_lease", [key], [token, ttl_ms]):
+                    log.warning("lease %s was lost while held", key)
+                    return
+            except Exception:  # Redis blips: try again at the next interval
+                log.warning("could not renew lease %s", key, exc_info=True)
 
     def close(self) -> None:
         """Release connections."""

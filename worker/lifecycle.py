@@ -44,7 +44,7 @@ def submit_ready_batches(ctx: WorkerContext) -> list[str]:
         ready = due_for_submit(session, utcnow())
     submitted = []
     for batch in ready:
-        with ctx.lease(f"batch:{batch.id}", ctx.settings.task_time_limit_seconds) as mine:
+        with ctx.lease(f"batch:{batch.id}") as mine:
             if not mine:
                 continue
             try:
@@ -203,7 +203,7 @@ def poll_due_batches(ctx: WorkerContext) -> list[str]:
         due = due_for_poll(session, utcnow())
     finished = []
     for batch in due:
-        with ctx.lease(f"batch:{batch.id}", 60) as mine:
+        with ctx.lease(f"batch:{batch.id}") as mine:
             if not mine:
                 continue
             try:

@@ -64,9 +64,7 @@ def _dispatch_local(job_id: str) -> None:
 def aggregate(force: bool = False) -> int:
     """Pack every due buffer into batch files; returns how many batches were packed."""
     ctx = context()
-    # Short, so a worker killed mid-pack stalls packing briefly; an overlap is only wasteful,
-    # since claims are atomic.
-    with ctx.lease("aggregate", 60) as mine:
+    with ctx.lease("aggregate") as mine:
         if not mine:
             return 0
         packed = pack_due_buffers(ctx, force=force)
@@ -104,7 +102,7 @@ def collect() -> int:
 def reap() -> int:
     """Return abandoned claims to their buffers."""
     ctx = context()
-    with ctx.lease("reap", 120) as mine:
+    with ctx.lease("reap") as mine:
         return reap_abandoned_claims(ctx) if mine else 0
 
 
@@ -114,7 +112,7 @@ def local_run(job_id: str) -> str:
     ctx = context()
     provider = ctx.provider("local")
     assert isinstance(provider, LocalProvider)
-    with ctx.lease(f"local:{job_id}", ctx.settings.task_time_limit_seconds) as mine:
+    with ctx.lease(f"local:{job_id}") as mine:
         if not mine:
             return "busy"
         job = run_job(
