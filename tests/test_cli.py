@@ -85,6 +85,7 @@ def test_up_submit_status_and_clean_stop(tmp_path: Path) -> None:
         report = json.loads(status.stdout)
         assert report["pending"] == []
         assert {(b["state"], b["count"]) for b in report["batches"]} == {("finished", 1)}
+        assert report["batches_with_errors"] == []
     finally:
         # When Ctrl-C is pressed, everything stops
         up.send_signal(signal.SIGINT)

@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 
 from shared.db import make_engine
 from shared.embedded_redis import resolve_redis_url
-from shared.models import Batch
+from shared.models import Batch, BatchState
 from shared.redis_layout import Keys, split_buffer_name, text
 from shared.settings import Settings
 
@@ -55,9 +55,25 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 )
             )
             batches = [{"provider": p, "state": s, "count": n} for p, s, n in rows]
+            troubled = session.exec(
+                select(Batch)
+                .where(Batch.error.is_not(None))  # type: ignore[union-attr]
+                .where(Batch.state != BatchState.FINISHED.value)
+                .order_by(Batch.updated_at.desc())  # type: ignore[attr-defined]
+                .limit(10)
+            )
+            errors = [
+                {"batch": b.id, "state": b.state, "provider": b.provider, "error": b.error}
+                for b in troubled
+            ]
     finally:
         engine.dispose()
-    return {"pending": pending, "uncommitted_claims": claims, "batches": batches}
+    return {
+        "pending": pending,
+        "uncommitted_claims": claims,
+        "batches": batches,
+        "batches_with_errors": errors,
+    }
 
 
 def render_status(console: Console, report: dict[str, Any]) -> None:
@@ -80,5 +96,12 @@ def render_status(console: Console, report: dict[str, Any]) -> None:
     for row in report["batches"]:
         batches.add_row(row["provider"], row["state"], str(row["count"]))
     console.print(batches if report["batches"] else "No batches yet.")
+    if report["batches_with_errors"]:
+        troubled = Table(title="Unfinished batches with errors (newest first)")
+        for column in ("batch", "state", "provider", "error"):
+            troubled.add_column(column, overflow="fold")
+        for row in report["batches_with_errors"]:
+            troubled.add_row(row["batch"], row["state"], row["provider"], row["error"][:200])
+        console.print(troubled)
     if report["uncommitted_claims"]:
         console.print(f"{report['uncommitted_claims']} claim(s) being packed")
