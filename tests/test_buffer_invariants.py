@@ -1,0 +1,161 @@
+"""Property test: whatever order producers, the aggregator and the collector act in, every
+request is in exactly one place, buffer byte counts match, and each outcome is delivered once.
+
+Runs the real Lua scripts and packer against a real Redis, with random interleavings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+from redis import Redis
+
+from producer import Producer
+from shared.redis_layout import buffer_name
+from tests.conftest import make_settings
+from worker.context import WorkerContext
+from worker.packing import pack_buffer
+
+MODELS = ("m-a", "m-b")
+
+
+class BufferMachine(RuleBasedStateMachine):
+    """Producers, the packer and the collector, interleaved at random."""
+
+    redis_url = ""
+    data_dir = Path()
+
+    @initialize()
+    def start(self) -> None:
+        Redis.from_url(self.redis_url).flushdb()
+        settings = make_settings(
+            self.redis_url,
+            self.data_dir / f"run-{id(self)}",
+            max_batch_requests=4,
+            max_wait_seconds=3600,
+        )
+        self.ctx = WorkerContext.create(settings)
+        self.producer = Producer(settings=settings, client=self.ctx.redis)
+        self.ids: set[str] = set()
+        self.open_batches: dict[str, list[str]] = {}
+        self.finished: set[str] = set()
+        self.with_queue: set[str] = set()
+
+    def teardown(self) -> None:
+        if hasattr(self, "ctx"):
+            self.ctx.close()
+
+    @rule(model=st.sampled_from(MODELS), n=st.integers(1, 6), key=st.integers(0, 8))
+    def submit(self, model: str, n: int, key: int) -> None:
+        requests: list[dict[str, Any]] = [
+            {"model": model, "messages": [{"role": "user", "content": "x" * (i + 1)}]}
+            for i in range(n)
+        ]
+        requests[0]["idempotency_key"] = f"key-{key}"  # repeats collapse onto one request
+        requests[-1]["callback_queue"] = "svc"
+        handles = self.producer.submit_many(requests)
+        for request, handle in zip(requests, handles, strict=True):
+            if handle.id not in self.ids and "callback_queue" in request:
+                self.with_queue.add(handle.id)
+            self.ids.add(handle.id)
+
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        if not self.ids:
+            return
+        request_id = data.draw(st.sampled_from(sorted(self.ids)))
+        was_pending = self.producer.state(request_id) == "pending"
+        assert self.producer.cancel(request_id) is was_pending
+        if was_pending:
+            self.finished.add(request_id)
+
+    @rule(model=st.sampled_from(MODELS), force=st.booleans())
+    def pack(self, model: str, force: bool) -> None:
+        batch = pack_buffer(self.ctx, buffer_name("local", model), force=force)
+        if batch is not None:
+            ids = [line.split(b'"')[3].decode() for line in batch.path.read_bytes().splitlines()]
+            assert len(ids) == batch.request_count
+            self.open_batches[batch.id] = ids
+
+    @rule(data=st.data())
+    def collect(self, data: st.DataObject) -> None:
+        if not self.open_batches:
+            return
+        batch_id = data.draw(st.sampled_from(sorted(self.open_batches)))
+        ids = self.open_batches.pop(batch_id)
+        again = data.draw(st.sets(st.sampled_from(ids)))
+        keys, scripts = self.ctx.keys, self.ctx.scripts
+        done = [i for i in ids if i not in again]
+        args: list[Any] = [keys.base, 60, batch_id]
+        for request_id in done:
+            args += [request_id, "completed", f'{{"request_id":"{request_id}"}}']
+        # Twice: a repeated collection must change nothing.
+        for _ in range(2):
+            if done:
+                scripts.run("finish", [keys.buffers], args)
+            if again:
+                scripts.run("requeue", [keys.buffers], [keys.base, batch_id, *sorted(again)])
+        self.finished.update(done)
+
+    @invariant()
+    def every_request_is_in_exactly_one_place(self) -> None:
+        redis, keys = self.ctx.redis, self.ctx.keys
+        pending = {
+            m.decode()
+            for model in MODELS
+            for m in redis.zrange(keys.pending(f"local:{model}"), 0, -1)
+        }
+        batched = {i for ids in self.open_batches.values() for i in ids}
+        assert not pending & batched and not pending & self.finished
+        assert not batched & self.finished
+        assert pending | batched | self.finished == self.ids
+        for request_id in self.ids:
+            state = redis.hget(keys.request(request_id), "state")
+            expected = (
+                b"pending"
+                if request_id in pending
+                else b"batched"
+                if request_id in batched
+                else b"done"
+            )
+            assert state == expected, (request_id, state, expected)
+
+    @invariant()
+    def buffer_bytes_match_what_waits(self) -> None:
+        redis, keys = self.ctx.redis, self.ctx.keys
+        for model in MODELS:
+            buf = f"local:{model}"
+            ids = [m.decode() for m in redis.zrange(keys.pending(buf), 0, -1)]
+            sizes = sum(int(redis.hget(keys.request(i), "size") or 0) for i in ids)
+            assert int(redis.hget(keys.buffers, buf) or 0) == sizes
+
+    @invariant()
+    def each_outcome_is_delivered_once(self) -> None:
+        entries = self.ctx.redis.xrange(self.ctx.keys.callback("svc"))
+        delivered = [e[1][b"result"] for e in entries]
+        assert len(delivered) == len(set(delivered))
+        assert len(delivered) == len(self.finished & self.with_queue)
+
+
+def test_buffer_invariants_hold_under_any_interleaving(redis_url: str, tmp_path: Path) -> None:
+    BufferMachine.redis_url = redis_url
+    BufferMachine.data_dir = tmp_path
+    run_state_machine_as_test(
+        BufferMachine,
+        settings=settings(
+            max_examples=25,
+            stateful_step_count=25,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
