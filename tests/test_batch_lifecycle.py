@@ -19,6 +19,7 @@ from worker.collection import collect_batch, collect_ready_batches, parse_result
 from worker.context import WorkerContext
 from worker.lifecycle import poll_due_batches, submit_batch, submit_ready_batches
 from worker.packing import pack_due_buffers
+from worker.reaper import reconcile_requeued_rows
 
 MESSAGES = [{"role": "user", "content": "Is 'great value' positive?"}]
 
@@ -358,3 +359,28 @@ def test_cancelled_result_carries_the_request_metadata(ctx: WorkerContext) -> No
     assert handle.cancel()
     (result,) = delivered(ctx)
     assert result.status == "cancelled" and result.metadata == {"order": 7}
+
+
+def test_cancelling_a_requeued_request_reaches_the_record(ctx: WorkerContext) -> None:
+    # Given a request sent round again after a retryable line error
+    ids = submit(ctx, 10)
+    pack_due_buffers(ctx)
+    submit_ready_batches(ctx)
+    run_local_jobs(ctx)
+    rewrite_result(ctx, ids[0], {"code": "rate_limit", "message": "slow down"})
+    time.sleep(0.02)
+    poll_due_batches(ctx)
+    collect_ready_batches(ctx)
+    assert len(delivered(ctx)) == 9
+
+    # When its producer cancels it (in Redis) and the reaper's reconciliation runs
+    assert Producer(settings=ctx.settings, client=ctx.redis).cancel(ids[0])
+    assert reconcile_requeued_rows(ctx) == 1
+
+    # Then the SQL record says cancelled too, and the result was delivered once
+    with ctx.session() as session:
+        row = session.get(Request, ids[0])
+    assert row is not None and row.state == "cancelled"
+    (result,) = delivered(ctx)
+    assert result.request_id == ids[0] and result.status == "cancelled"
+    assert reconcile_requeued_rows(ctx) == 0

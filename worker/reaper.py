@@ -6,9 +6,11 @@ import logging
 import time
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
 
-from shared.models import Batch, BatchState
+from shared.models import Batch, BatchState, Request, RequestState
 from shared.redis_layout import split_buffer_name, text
 from worker.context import WorkerContext
 from worker.packing import release_claim
@@ -62,3 +64,36 @@ def reap_abandoned_claims(ctx: WorkerContext) -> int:
         log.warning("reaped abandoned claim %s: %d requests back to %s", batch_id, n, buf)
         returned += int(n)
     return returned
+
+
+def reconcile_requeued_rows(ctx: WorkerContext, limit: int = 500) -> int:
+    """Bring SQL rows of requeued requests that were then cancelled in line with Redis.
+
+    A producer cancels in Redis only; the record learns of it here. Returns rows updated.
+    """
+    with ctx.session() as session:
+        ids = list(
+            session.exec(
+                select(Request.id).where(Request.state == RequestState.REQUEUED.value).limit(limit)
+            )
+        )
+    if not ids:
+        return 0
+    pipe = ctx.redis.pipeline(transaction=False)
+    for request_id in ids:
+        pipe.hmget(ctx.keys.request(request_id), ["state", "outcome"])
+    cancelled = [
+        request_id
+        for request_id, (state, outcome) in zip(ids, pipe.execute(), strict=True)
+        if state == b"done" and outcome == b"cancelled"
+    ]
+    if cancelled:
+        with ctx.session() as session:
+            session.execute(
+                update(Request)
+                .where(Request.id.in_(cancelled))  # type: ignore[attr-defined]
+                .where(Request.state == RequestState.REQUEUED.value)  # type: ignore[arg-type]
+                .values(state=RequestState.CANCELLED.value, error_code="cancelled")
+            )
+            session.commit()
+    return len(cancelled)

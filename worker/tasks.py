@@ -23,7 +23,7 @@ from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
 from worker.lifecycle import poll_due_batches, submit_ready_batches
 from worker.packing import pack_due_buffers
-from worker.reaper import reap_abandoned_claims
+from worker.reaper import reap_abandoned_claims, reconcile_requeued_rows
 
 log = logging.getLogger(__name__)
 _contexts: dict[int, WorkerContext] = {}
@@ -103,7 +103,10 @@ def reap() -> int:
     """Return abandoned claims to their buffers."""
     ctx = context()
     with ctx.lease("reap") as mine:
-        return reap_abandoned_claims(ctx) if mine else 0
+        if not mine:
+            return 0
+        reconcile_requeued_rows(ctx)
+        return reap_abandoned_claims(ctx)
 
 
 @app.task(name=task_names.LOCAL_RUN)
