@@ -75,8 +75,10 @@ def batches(settings: Settings) -> list[Batch]:
     [
         ([], False),
         (["--line-error-rate", "0.2", "--fail-rate", "0.1"], True),
+        # Batches expire part-way; the unfinished lines go round again, first in line.
+        (["--expire-after", "0.6", "--line-delay", "0.004"], True),
     ],
-    ids=["clean", "faulty"],
+    ids=["clean", "faulty", "expiring"],
 )
 def test_requests_flow_through_together_adapter_over_http(
     redis_url: str,
@@ -111,6 +113,8 @@ def test_requests_flow_through_together_adapter_over_http(
     assert {b.provider for b in found} == {"together"}
     assert {b.model for b in found} == {"model-x", "model-y"}
     assert all(b.provider_batch_id and b.provider_file_id for b in found)
+    if "--expire-after" in api_args:
+        assert any(b.outcome == "expired" and b.requeued_count for b in found)
 
 
 def test_wrong_api_key_is_a_permanent_failure_recorded_on_the_batch(
