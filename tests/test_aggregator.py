@@ -97,10 +97,10 @@ def test_bytes_threshold_cuts_batches_under_the_byte_limit(
 
 
 def test_age_threshold_flushes_a_small_buffer(worker_context: WorkerContext) -> None:
-    ctx = with_settings(worker_context, max_batch_requests=1000, max_wait_seconds=0.2)
+    ctx = with_settings(worker_context, max_batch_requests=1000, max_wait_seconds=1.0)
     submit(ctx, 3)
     assert pack_due_buffers(ctx) == []
-    time.sleep(0.25)
+    time.sleep(1.05)
     (batch,) = pack_due_buffers(ctx)
     assert (batch.request_count, batch.reason) == (3, "age")
 

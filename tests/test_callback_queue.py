@@ -41,12 +41,12 @@ def test_unacked_delivery_comes_back_to_another_consumer_after_the_timeout(
     settings: Settings,
 ) -> None:
     (request_id,) = cancelled_results(settings, 1)
-    crashed = CallbackQueue("svc", settings=settings, visibility_timeout=0.3)
-    survivor = CallbackQueue("svc", settings=settings, visibility_timeout=0.3)
+    crashed = CallbackQueue("svc", settings=settings, visibility_timeout=1.0)
+    survivor = CallbackQueue("svc", settings=settings, visibility_timeout=1.0)
     first = crashed.get(timeout=1)
     assert first is not None  # ...and the consumer dies without acking
     assert survivor.get(timeout=0.1) is None  # still invisible
-    time.sleep(0.35)
+    time.sleep(1.05)
     again = survivor.get(timeout=1)
     assert again is not None and again.redelivered
     assert again.result.request_id == request_id
