@@ -49,6 +49,8 @@ def _check_and_prepare(**_: object) -> None:
     Faults.from_env()
     make_engine(settings).dispose()
     log.warning("batchbridge worker starting; default provider: %s", settings.default_provider)
+    if settings.default_provider == "together" and not os.environ.get("TOGETHER_API_KEY"):
+        log.error("BATCHBRIDGE_PROVIDER is together but TOGETHER_API_KEY is not set")
 
 
 def wake(task: str, **kwargs: object) -> None:
