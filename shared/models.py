@@ -71,6 +71,8 @@ class Batch(SQLModel, table=True):
     output_file_id: str | None = Field(default=None, max_length=128)
     error_file_id: str | None = Field(default=None, max_length=128)
     submit_attempts: int = 0
+    create_started_at: datetime | None = None  # a create call may be in flight since then
+    collect_failures: int = 0
     poll_count: int = 0
     not_found_polls: int = 0  # consecutive polls the provider answered 404
     completed_count: int = 0

@@ -25,6 +25,13 @@ from worker.processes import WorkerProcess
 PG_URL = os.environ.get("BATCHBRIDGE_TEST_DATABASE_URL")
 
 
+@pytest.fixture(autouse=True)
+def _no_real_provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never reach a paid API, whatever the developer's shell exports."""
+    for name in ("TOGETHER_API_KEY", "TOGETHER_BASE_URL", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server: BATCHBRIDGE_TEST_REDIS_URL, or one spawned on a free port."""

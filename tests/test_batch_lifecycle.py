@@ -106,9 +106,12 @@ def test_collecting_again_after_a_crash_delivers_nothing_twice(
     with ctx.session() as session:
         (batch,) = session.exec(select(Batch))
     assert batch.state == BatchState.COLLECTING and "worker lost" in (batch.error or "")
+    # ...and the batch backs off before the next try
+    assert batch.collect_failures == 1 and batch.next_poll_at is not None
+    assert collect_ready_batches(ctx) == []
 
-    # When the collection runs again (a redelivered task)
-    collect_ready_batches(ctx)
+    # When the collection runs again (once the backoff is over)
+    assert collect_batch(ctx, batch.id) is True
 
     # Then nothing more is delivered and the batch is finished
     assert len(first) == 10

@@ -104,7 +104,7 @@ class BufferMachine(RuleBasedStateMachine):
             if done:
                 scripts.run("finish", [keys.buffers], args)
             if again:
-                scripts.run("requeue", [keys.buffers], [keys.base, batch_id, *sorted(again)])
+                scripts.run("requeue", [keys.buffers], [keys.base, batch_id, "1", *sorted(again)])
         self.finished.update(done)
 
     @invariant()

@@ -8,10 +8,10 @@ from worker.context import WorkerContext
 
 
 def test_a_held_lease_is_renewed_and_excludes_others(worker_context: WorkerContext) -> None:
-    with worker_context.lease("job", seconds=1) as mine:
+    with worker_context.lease("job", seconds=2) as mine:
         assert mine
-        time.sleep(2.2)  # longer than its time to live: only renewal keeps it
-        with worker_context.lease("job", seconds=1) as theirs:
+        time.sleep(4.2)  # longer than its time to live: only renewal keeps it
+        with worker_context.lease("job", seconds=2) as theirs:
             assert not theirs
     with worker_context.lease("job", seconds=1) as again:
         assert again  # released on exit

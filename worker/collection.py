@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import func
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import func, or_
 from sqlmodel import select
 
 from shared.db import finish_requests, transition, update_batch
@@ -24,6 +25,7 @@ from shared.models import Batch, BatchState, Request, RequestState, utcnow
 from shared.providers.base import ProviderError
 from shared.schemas import ErrorInfo, Result
 from worker.context import WorkerContext
+from worker.lifecycle import backoff
 
 log = logging.getLogger(__name__)
 _CHUNK = 500
@@ -69,22 +71,34 @@ class LineOutcome:
 def collect_ready_batches(ctx: WorkerContext) -> list[str]:
     """Collect every batch the provider has finished (or that could not be submitted)."""
     with ctx.session() as session:
-        stmt = select(Batch.id).where(
-            Batch.state.in_([BatchState.COLLECTING.value, BatchState.FAILED.value])  # type: ignore[attr-defined]
+        stmt = (
+            select(Batch.id, Batch.collect_failures)
+            .where(
+                Batch.state.in_([BatchState.COLLECTING.value, BatchState.FAILED.value])  # type: ignore[attr-defined]
+            )
+            .where(or_(Batch.next_poll_at.is_(None), Batch.next_poll_at <= utcnow()))  # type: ignore[union-attr,operator,arg-type]
         )
-        ids = list(session.exec(stmt))
+        due = list(session.exec(stmt))
     done = []
-    for batch_id in ids:
+    for batch_id, failures in due:
         with ctx.lease(f"batch:{batch_id}") as mine:
             if not mine:
                 continue
             try:
                 if collect_batch(ctx, batch_id):
                     done.append(batch_id)
-            except Exception as exc:  # one bad batch must not stall the rest; retried next beat
+            except SoftTimeLimitExceeded:
+                raise  # the task is out of time: stop, the next beat carries on
+            except Exception as exc:  # one bad batch must not stall the rest
                 log.exception("collecting batch %s failed", batch_id)
                 with ctx.session() as session:
-                    update_batch(session, batch_id, error=f"collect failed: {exc!r}")
+                    update_batch(
+                        session,
+                        batch_id,
+                        error=f"collect failed, retrying: {exc!r}",
+                        collect_failures=failures + 1,
+                        next_poll_at=utcnow() + backoff(failures + 1),
+                    )
                     session.commit()
     return done
 
@@ -109,8 +123,8 @@ def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
         try:
             ctx.provider(batch.provider).download_file(file_id, path)
         except ProviderError as exc:
-            if exc.retryable:
-                raise
+            if exc.status_code not in (404, 410):
+                raise  # retried with backoff; only a missing file means its results are gone
             # The file is gone for good: its requests count as not executed (and go round again).
             log.error("batch %s: %s file %s cannot be fetched: %s", batch_id, name, file_id, exc)
             continue
@@ -221,8 +235,9 @@ class _FanOut:
         max_attempts = ctx.settings.max_attempts
         retry: list[LineOutcome] = []
         final: list[LineOutcome] = []
+        unsent = self.batch.outcome == "unsent"
         for o in chunk:
-            again = o.retryable and self.attempts[o.request_id] < max_attempts
+            again = o.retryable and (unsent or self.attempts[o.request_id] < max_attempts)
             (retry if again else final).append(o)
         metas = ctx.redis.pipeline(transaction=False)
         for o in final:
@@ -234,7 +249,9 @@ class _FanOut:
             ctx.scripts.run("finish", [keys.buffers], args)
         if retry:
             ids = [o.request_id for o in retry]
-            ctx.scripts.run("requeue", [keys.buffers], [keys.base, self.batch.id, *ids])
+            # A batch that never reached the provider costs its requests no attempt.
+            counts = "0" if self.batch.outcome == "unsent" else "1"
+            ctx.scripts.run("requeue", [keys.buffers], [keys.base, self.batch.id, counts, *ids])
         self._record(final, retry)
 
     def _result(self, o: LineOutcome, meta: bytes | None) -> Result:

@@ -46,7 +46,13 @@ class WorkerContext:
         cls, settings: Settings, *, dispatch_local: Callable[[str], None] | None = None
     ) -> WorkerContext:
         """Connect to Redis and the database named by ``settings``."""
-        redis = Redis.from_url(resolve_redis_url(settings))
+        # Timeouts, so a half-open connection cannot hang a task (or a lease's renewer).
+        redis = Redis.from_url(
+            resolve_redis_url(settings),
+            socket_timeout=30,
+            socket_connect_timeout=10,
+            health_check_interval=30,
+        )
         return cls(settings, redis, make_engine(settings), dispatch_local)
 
     def provider(self, name: str) -> BatchProvider:
@@ -95,8 +101,11 @@ class WorkerContext:
             yield True
         finally:
             done.set()
-            renewer.join()
-            self.scripts.run("release_lease", [key], [token])
+            renewer.join(timeout=5)
+            try:
+                self.scripts.run("release_lease", [key], [token])
+            except Exception:  # it expires by itself; never let cleanup fail the work
+                log.warning("could not release lease %s", key, exc_info=True)
 
     def _renew(self, key: str, token: bytes, ttl_ms: int, done: threading.Event) -> None:
         while not done.wait(ttl_ms / 3000):

@@ -15,6 +15,8 @@ import logging
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import update
 from sqlmodel import select
 
 from shared.db import due_for_poll, due_for_submit, transition, update_batch
@@ -30,6 +32,8 @@ _MAX_SUBMIT_ATTEMPTS = 10
 _NOT_FOUND_POLLS_BEFORE_LOST = 3
 # Tolerated difference between the provider's clock and ours when matching a job to a batch.
 _CLOCK_SLACK = timedelta(minutes=5)
+# How long a create call may still be in flight (the SDK's read timeout is 60 s).
+_CREATE_IN_FLIGHT = timedelta(seconds=120)
 
 
 def backoff(attempts: int, retry_after: float | None = None) -> timedelta:
@@ -50,6 +54,8 @@ def submit_ready_batches(ctx: WorkerContext) -> list[str]:
             try:
                 if submit_batch(ctx, batch.id):
                     submitted.append(batch.id)
+            except SoftTimeLimitExceeded:
+                raise  # the task is out of time: stop, the next beat carries on
             except Exception as exc:  # one bad batch must not stall the rest
                 log.exception("submitting batch %s failed unexpectedly", batch.id)
                 _retry_later(ctx, batch, f"unexpected error while submitting: {exc!r}")
@@ -69,9 +75,13 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
             if not path.exists():
                 _give_back_unsent(ctx, batch, f"batch file {path} is missing on this worker")
                 return False
-            file_id = provider.upload_file(path)
+            try:
+                file_id = provider.upload_file(path)
+            except ProviderError as exc:
+                _record_submit_failure(ctx, batch, exc, attempts=batch.submit_attempts + 1)
+                return False
             with ctx.session() as session:
-                transition(
+                uploaded = transition(
                     session,
                     batch_id,
                     BatchState.UPLOADED,
@@ -79,10 +89,15 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
                     provider_file_id=file_id,
                 )
                 session.commit()
+            if not uploaded:
+                return False  # another worker got there first; it owns the rest
             batch.provider_file_id = file_id
         job = _create_once(ctx, provider, batch)
     except ProviderError as exc:
-        _record_submit_failure(ctx, batch, exc)
+        # The create attempt (if one was made) is already counted.
+        _record_submit_failure(ctx, batch, exc, attempts=batch.submit_attempts)
+        return False
+    if job is None:
         return False
     with ctx.session() as session:
         moved = transition(
@@ -93,6 +108,7 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
             provider_batch_id=job.id,
             provider_status=job.raw_status,
             submitted_at=utcnow(),
+            create_started_at=None,
             next_poll_at=utcnow() + timedelta(seconds=ctx.settings.poll_interval_seconds),
             error=None,
         )
@@ -101,16 +117,30 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
     return moved
 
 
-def _create_once(ctx: WorkerContext, provider: BatchProvider, batch: Batch) -> ProviderBatch:
+def _create_once(ctx: WorkerContext, provider: BatchProvider, batch: Batch) -> ProviderBatch | None:
+    """Create the provider job, or adopt one an earlier attempt made; None to leave it be."""
     assert batch.provider_file_id is not None
+    now = utcnow()
+    if batch.create_started_at is not None and now - batch.create_started_at < _CREATE_IN_FLIGHT:
+        # Another worker (whose lease lapsed) may be waiting for its create right now.
+        return None
     if batch.submit_attempts > 0:
         adopted = _find_earlier_create(ctx, provider, batch)
         if adopted is not None:
             log.info("batch %s was already created as %s; adopting it", batch.id, adopted.id)
             return adopted
+    # The right to create is taken in SQL, so two workers can never both create.
     with ctx.session() as session:
-        update_batch(session, batch.id, submit_attempts=batch.submit_attempts + 1)
+        claimed = session.execute(
+            update(Batch)
+            .where(Batch.id == batch.id)  # type: ignore[arg-type]
+            .where(Batch.state == BatchState.UPLOADED.value)  # type: ignore[arg-type]
+            .where(Batch.submit_attempts == batch.submit_attempts)  # type: ignore[arg-type]
+            .values(submit_attempts=batch.submit_attempts + 1, create_started_at=now)
+        )
         session.commit()
+    if not claimed.rowcount:  # type: ignore[attr-defined]
+        return None
     batch.submit_attempts += 1
     return provider.create_batch(batch.provider_file_id, model=batch.model)
 
@@ -141,8 +171,9 @@ def _find_earlier_create(
     return free[0] if free else None
 
 
-def _record_submit_failure(ctx: WorkerContext, batch: Batch, exc: ProviderError) -> None:
-    attempts = batch.submit_attempts + 1
+def _record_submit_failure(
+    ctx: WorkerContext, batch: Batch, exc: ProviderError, *, attempts: int
+) -> None:
     with ctx.session() as session:
         if exc.retryable and attempts < _MAX_SUBMIT_ATTEMPTS:
             delay = backoff(attempts, exc.retry_after)
@@ -150,6 +181,7 @@ def _record_submit_failure(ctx: WorkerContext, batch: Batch, exc: ProviderError)
                 session,
                 batch.id,
                 submit_attempts=attempts,
+                create_started_at=None,  # our call has returned: nothing is in flight
                 error=f"retryable error, retrying: {exc}",
                 next_poll_at=utcnow() + delay,
             )
@@ -186,6 +218,9 @@ def _give_back_unsent(ctx: WorkerContext, batch: Batch, reason: str) -> None:
 
 def _retry_later(ctx: WorkerContext, batch: Batch, error: str) -> None:
     attempts = batch.submit_attempts + 1
+    if attempts >= _MAX_SUBMIT_ATTEMPTS:
+        _record_submit_failure(ctx, batch, ProviderError(error, retryable=True), attempts=attempts)
+        return
     with ctx.session() as session:
         update_batch(
             session,
@@ -209,6 +244,8 @@ def poll_due_batches(ctx: WorkerContext) -> list[str]:
             try:
                 if poll_batch(ctx, batch):
                     finished.append(batch.id)
+            except SoftTimeLimitExceeded:
+                raise
             except Exception as exc:  # one bad batch must not stall the rest
                 log.exception("polling batch %s failed unexpectedly", batch.id)
                 with ctx.session() as session:
@@ -280,6 +317,8 @@ def _record_poll_failure(
             )
         else:
             kind = "retryable" if exc.retryable else "permanent"
+            if exc.retry_after:
+                next_poll = max(next_poll, utcnow() + timedelta(seconds=exc.retry_after))
             update_batch(
                 session,
                 batch.id,

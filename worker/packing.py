@@ -14,6 +14,7 @@ it); a crash after 3 leaves only claim keys, which the reaper drops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -21,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import IntegrityError
 
 from shared.db import upsert_requests
 from shared.models import Batch, BatchState, RequestState, utcnow
 from shared.redis_layout import split_buffer_name, text
+from worker.claims import abandon_claim, release_claim
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,13 @@ def pack_due_buffers(ctx: WorkerContext, *, force: bool = False) -> list[PackedB
     for raw in bufs:
         buf = text(raw)
         while True:
-            batch = pack_buffer(ctx, buf, force=force)
+            try:
+                batch = pack_buffer(ctx, buf, force=force)
+            except SoftTimeLimitExceeded:
+                raise
+            except Exception:  # one failing buffer must not stop the others
+                log.exception("packing buffer %s failed", buf)
+                break
             if batch is None:
                 break
             packed.append(batch)
@@ -104,9 +113,9 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         file_path=str(path),
         next_poll_at=utcnow(),
     )
-    write_batch_file(ctx, batch_id, buf, claimed[::4], path)
-    rows = request_rows(batch_id, claimed)
     try:
+        write_batch_file(ctx, batch_id, buf, claimed[::4], path)
+        rows = request_rows(batch_id, claimed)
         with ctx.session() as session:
             session.add(batch)
             session.flush()  # a reaper's tombstone under this id fails here
@@ -117,6 +126,14 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         log.warning("batch %s was reaped before it was recorded; discarding it", batch_id)
         path.unlink(missing_ok=True)
         return None
+    except Exception:
+        # Disk full, database down...: hand the requests straight back rather than leaving
+        # them to the reaper, then let the caller log it.
+        path.with_suffix(".jsonl.tmp").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            abandon_claim(ctx, batch_id)
+        raise
     release_claim(ctx, batch_id)
     log.info("packed batch %s: %d requests, %d bytes (%s)", batch_id, count, size, reason)
     return PackedBatch(batch_id, provider, model, int(count), int(size), reason, path)
@@ -165,11 +182,3 @@ def write_batch_file(
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
-
-
-def release_claim(ctx: WorkerContext, batch_id: str) -> None:
-    """Forget a claim whose batch is recorded in SQL."""
-    pipe = ctx.redis.pipeline(transaction=True)
-    pipe.delete(ctx.keys.claim_ids(batch_id), ctx.keys.claim(batch_id))
-    pipe.zrem(ctx.keys.claims, batch_id)
-    pipe.execute()

@@ -7,13 +7,12 @@ import time
 from typing import Any
 
 from sqlalchemy import update
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from shared.models import Batch, BatchState, Request, RequestState
-from shared.redis_layout import split_buffer_name, text
+from shared.models import Request, RequestState
+from shared.redis_layout import text
+from worker.claims import abandon_claim
 from worker.context import WorkerContext
-from worker.packing import release_claim
 
 log = logging.getLogger(__name__)
 
@@ -27,42 +26,7 @@ def reap_abandoned_claims(ctx: WorkerContext) -> int:
     returned = 0
     stale: list[Any] = ctx.redis.zrangebyscore(ctx.keys.claims, "-inf", cutoff_ms)
     for raw in stale:
-        batch_id = text(raw)
-        claim: dict[bytes, bytes] = ctx.redis.hgetall(ctx.keys.claim(batch_id))  # type: ignore[assignment]
-        buf = claim.get(b"buf", b"").decode()
-        provider, model = split_buffer_name(buf) if buf else ("", "")
-        tombstone = Batch(
-            id=batch_id,
-            provider=provider,
-            model=model,
-            state=BatchState.ABANDONED.value,
-            request_count=int(claim.get(b"count", 0)),
-            bytes=int(claim.get(b"bytes", 0)),
-        )
-        try:
-            # The tombstone makes the SQL primary key decide who wins against a slow packer.
-            with ctx.session() as session:
-                session.add(tombstone)
-                session.commit()
-        except IntegrityError:
-            with ctx.session() as session:
-                existing = session.get(Batch, batch_id)
-            if existing is None or existing.state != BatchState.ABANDONED:
-                release_claim(ctx, batch_id)  # the packer committed; only its cleanup was lost
-                continue
-            # Our own tombstone from a reap that died before unclaiming: finish that reap.
-        n = ctx.scripts.run(
-            "unclaim",
-            [
-                ctx.keys.claim_ids(batch_id),
-                ctx.keys.claim(batch_id),
-                ctx.keys.claims,
-                ctx.keys.buffers,
-            ],
-            [ctx.keys.base, batch_id],
-        )
-        log.warning("reaped abandoned claim %s: %d requests back to %s", batch_id, n, buf)
-        returned += int(n)
+        returned += abandon_claim(ctx, text(raw))
     return returned
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 from celery import signals
@@ -111,24 +112,42 @@ def reap() -> int:
         return reap_abandoned_claims(ctx)
 
 
+# Local jobs run beside the pool's tasks, a few at a time per process: run as tasks, slow
+# jobs would occupy every pool slot and hold up aggregation, polling and collection.
+_LOCAL_JOBS_PER_PROCESS = 2
+_local_slots = threading.BoundedSemaphore(_LOCAL_JOBS_PER_PROCESS)
+
+
 @app.task(name=task_names.LOCAL_RUN)
 def local_run(job_id: str) -> str:
-    """Execute one local-provider batch job with the configured engine."""
+    """Start one local-provider batch job in the background of this worker process."""
     ctx = context()
+    threading.Thread(
+        target=_run_local_job, args=(ctx, job_id), daemon=True, name=f"local job {job_id}"
+    ).start()
+    return "started"
+
+
+def _run_local_job(ctx: WorkerContext, job_id: str) -> None:
     provider = ctx.provider("local")
     assert isinstance(provider, LocalProvider)
-    with ctx.lease(f"local:{job_id}") as mine:
-        if not mine:
-            return "busy"
-        job = run_job(
-            provider.store, job_id, get_engine(ctx.settings.local_engine), faults=provider.faults
-        )
-    # Batches are polled on a timer; a local job can say at once that it is done.
-    with ctx.session() as session:
-        poll_now(session, job_id)
-        session.commit()
-    wake(task_names.POLL)
-    return job.status
+    try:
+        with _local_slots, ctx.lease(f"local:{job_id}") as mine:
+            if not mine:
+                return
+            run_job(
+                provider.store,
+                job_id,
+                get_engine(ctx.settings.local_engine),
+                faults=provider.faults,
+            )
+        # Batches are polled on a timer; a local job can say at once that it is done.
+        with ctx.session() as session:
+            poll_now(session, job_id)
+            session.commit()
+        wake(task_names.POLL)
+    except Exception:  # the sweep re-dispatches an unfinished job once its lease lapses
+        log.exception("local job %s failed", job_id)
 
 
 @app.task(name=task_names.LOCAL_SWEEP)
