@@ -10,7 +10,7 @@ import pytest
 from sqlmodel import select
 
 from producer import CallbackQueue, Producer, Result
-from shared.models import Batch, BatchState, Request
+from shared.models import Batch, BatchState, Request, utcnow
 from shared.providers.local import LocalProvider
 from shared.redis_layout import buffer_name
 from tests.conftest import run_local_jobs
@@ -387,3 +387,33 @@ def test_cancelling_a_requeued_request_reaches_the_record(ctx: WorkerContext) ->
     (result,) = delivered(ctx)
     assert result.request_id == ids[0] and result.status == "cancelled"
     assert reconcile_requeued_rows(ctx) == 0
+
+
+def test_an_unexpected_error_on_one_batch_is_recorded_and_backed_off(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given two packed batches, the older of which makes the provider crash on upload
+    submit(ctx, 10)
+    submit(ctx, 10)
+    first, second = pack_due_buffers(ctx)
+    provider = local(ctx)
+    original = provider.upload_file
+
+    def flaky(path: Path) -> str:
+        if path == first.path:
+            raise RuntimeError("disk read error")
+        return original(path)
+
+    monkeypatch.setattr(provider, "upload_file", flaky)
+
+    # When the submitter runs
+    submitted = submit_ready_batches(ctx)
+
+    # Then the other batch goes ahead, and the failing one records why and waits to retry
+    assert submitted == [second.id]
+    with ctx.session() as session:
+        stuck = session.get(Batch, first.id)
+    assert stuck is not None and stuck.state == BatchState.PACKED
+    assert "disk read error" in (stuck.error or "") and stuck.submit_attempts == 1
+    assert stuck.next_poll_at is not None and stuck.next_poll_at > utcnow()
+    assert submit_ready_batches(ctx) == []  # not retried before its backoff is over
