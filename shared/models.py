@@ -105,6 +105,4 @@ class Request(SQLModel, table=True):
     error_message: str | None = Field(default=None, sa_type=Text)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    # Epoch milliseconds: a plain integer keeps inserting 50,000 rows per batch cheap.
-    enqueued_at_ms: int = Field(sa_type=BigInteger)
     finished_at: datetime | None = None

@@ -114,7 +114,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         next_poll_at=utcnow(),
     )
     try:
-        write_batch_file(ctx, batch_id, buf, claimed[::4], path)
+        write_batch_file(ctx, batch_id, buf, claimed[::3], path)
         rows = request_rows(batch_id, claimed)
         with ctx.session() as session:
             session.add(batch)
@@ -140,7 +140,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
 
 
 def request_rows(batch_id: str, claimed: list[bytes]) -> list[dict[str, Any]]:
-    """SQL rows for the claim script's flat (id, enq, cbq, attempts) list."""
+    """SQL rows for the claim script's flat (id, cbq, attempts) list."""
     state = RequestState.BATCHED.value
     # Every column is given (defaults too) so the insert can take the rows as they are.
     return [
@@ -150,12 +150,11 @@ def request_rows(batch_id: str, claimed: list[bytes]) -> list[dict[str, Any]]:
             "state": state,
             "attempts": int(attempts) + 1,
             "callback_queue": cbq.decode(),
-            "enqueued_at_ms": int(enq),
             "prompt_tokens": 0,
             "completion_tokens": 0,
         }
-        for request_id, enq, cbq, attempts in zip(
-            claimed[0::4], claimed[1::4], claimed[2::4], claimed[3::4], strict=True
+        for request_id, cbq, attempts in zip(
+            claimed[0::3], claimed[1::3], claimed[2::3], strict=True
         )
     ]
 
