@@ -8,7 +8,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from producer.client import PartialSubmitError
 from producer.protocol import (
     RequestState,
     cancel_args,
@@ -83,7 +85,11 @@ class AsyncProducer:
             raise InvalidRequest(f"requests{exc.field}", exc.rule) from None
         handles: list[AsyncRequestHandle] = []
         for start in range(0, len(prepared), _CHUNK):
-            handles += await self._send(prepared[start : start + _CHUNK])
+            try:
+                handles += await self._send(prepared[start : start + _CHUNK])
+            except ResponseError as exc:  # earlier chunks are stored: say which
+                missing: list[None] = [None] * (len(prepared) - start)
+                raise PartialSubmitError([*handles, *missing], exc) from exc
         return handles
 
     async def cancel(self, request_id: str) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import hiredis
@@ -206,10 +206,10 @@ class PartialSubmitError(RuntimeError):
     be safe) completes the call.
     """
 
-    def __init__(self, handles: list[RequestHandle | None], cause: Exception) -> None:
+    def __init__(self, handles: Sequence[Any], cause: Exception) -> None:
         stored = sum(h is not None for h in handles)
         super().__init__(f"{stored} of {len(handles)} requests were enqueued; Redis said: {cause}")
-        self.handles = handles
+        self.handles = list(handles)
 
 
 class RequestHandle:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from redis import Redis
 
-from producer import AsyncProducer, InvalidRequest, Producer
+from producer import AsyncProducer, InvalidRequest, PartialSubmitError, Producer
 from shared.redis_layout import Keys, buffer_name
 from shared.settings import Settings
 
@@ -49,3 +49,31 @@ def test_async_wait_times_out(settings: Settings) -> None:
                 await handle.wait(timeout=0.1)
 
     asyncio.run(scenario())
+
+
+def test_a_refused_chunk_reports_which_requests_were_stored(
+    settings: Settings, redis_client: Redis
+) -> None:
+    # Given a Redis that runs out of memory part-way through a large submit_many
+    async def scenario() -> PartialSubmitError:
+        async with AsyncProducer(settings=settings) as producer:
+            await producer.submit("m-a", MESSAGES)  # loads the script while memory allows
+            used = int(redis_client.info("memory")["used_memory"])
+            redis_client.config_set("maxmemory", used + 2_000_000)
+            big = [{"role": "user", "content": "x" * 900}]
+            try:
+                await producer.submit_many([{"model": "m-a", "messages": big}] * 3000)
+            except PartialSubmitError as exc:
+                return exc
+            raise AssertionError("Redis accepted everything")
+
+    try:
+        err = asyncio.run(scenario())
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    # Then the handles say exactly which requests are in the buffer
+    stored = {h.id for h in err.handles if h is not None}
+    assert 0 < len(stored) < 3000
+    pending = redis_client.zrange(Keys().pending(buffer_name("local", "m-a")), 0, -1)
+    assert stored <= {p.decode() for p in pending}
+    assert len(pending) == len(stored) + 1
