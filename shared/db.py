@@ -102,8 +102,8 @@ def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Insert request rows, or point existing ones (a retried request) at their new batch."""
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    dialect = session.get_bind().dialect
+    insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
     table = Request.__table__  # type: ignore[attr-defined]
     stmt = insert(table)
     stmt = stmt.on_conflict_do_update(
@@ -116,23 +116,13 @@ def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     )
     # Packing records up to 50,000 rows at once: compile the statement once and hand plain
     # values to the driver's executemany, skipping SQLAlchemy's per-row processing (which
-    # tripled the time). Every value here is a str or int, which drivers take as they are.
-    # Columns the rows leave out are filled with their scalar defaults, as SQLAlchemy would.
-    defaults = {
-        c.name: c.default.arg
-        for c in table.columns
-        if c.default is not None and c.default.is_scalar and c.name not in rows[0]
-    }
-    compiled = stmt.compile(dialect=session.get_bind().dialect, column_keys=list(rows[0]))
+    # tripled the time). Every value here is a str or int, which drivers take as they are, and
+    # rows name every column that has a default, so none is left for SQLAlchemy to fill in.
+    compiled = stmt.compile(dialect=dialect, column_keys=list(rows[0]))
     if compiled.positional:
-        order = compiled.positiontup or []
-        # Rows that give every column (as the packer's do) convert at C speed.
-        if all(k in rows[0] for k in order):
-            params: list[Any] = list(map(itemgetter(*order), rows))
-        else:
-            params = [tuple(r[k] if k in r else defaults.get(k) for k in order) for r in rows]
+        params: list[Any] = list(map(itemgetter(*(compiled.positiontup or [])), rows))
     else:
-        params = [{**defaults, **row} for row in rows]
+        params = list(rows)
     session.connection().exec_driver_sql(str(compiled), params)
 
 

@@ -121,6 +121,17 @@ def test_collecting_again_after_a_crash_delivers_nothing_twice(
     assert batch.state == BatchState.FINISHED and batch.completed_count == 10
 
 
+def run_with_line_error(ctx: WorkerContext, request_id: str, error: dict[str, str]) -> None:
+    """One pass of the pipeline in which the provider fails ``request_id`` with ``error``."""
+    pack_due_buffers(ctx)
+    submit_ready_batches(ctx)
+    run_local_jobs(ctx)
+    rewrite_result(ctx, request_id, error)
+    time.sleep(0.02)
+    poll_due_batches(ctx)
+    collect_ready_batches(ctx)
+
+
 def rewrite_result(ctx: WorkerContext, request_id: str, error: dict[str, str]) -> None:
     """Move one request's line from its job's output file to its error file, as a failure."""
     provider = local(ctx)
@@ -139,13 +150,7 @@ def test_retryable_line_error_requeues_until_attempts_run_out(ctx: WorkerContext
     ids = submit(ctx, 10)
     victim = ids[3]
     for attempt in (1, 2):
-        pack_due_buffers(ctx)
-        submit_ready_batches(ctx)
-        run_local_jobs(ctx)
-        rewrite_result(ctx, victim, {"code": "rate_limit", "message": "slow down"})
-        time.sleep(0.02)
-        poll_due_batches(ctx)
-        collect_ready_batches(ctx)
+        run_with_line_error(ctx, victim, {"code": "rate_limit", "message": "slow down"})
         results = {r.request_id: r for r in delivered(ctx)}
         if attempt == 1:
             # the other nine are done; the victim is pending again for another batch
@@ -169,13 +174,7 @@ def test_retryable_line_error_requeues_until_attempts_run_out(ctx: WorkerContext
 
 def test_permanent_line_error_fails_the_request_at_once(ctx: WorkerContext) -> None:
     ids = submit(ctx, 10)
-    pack_due_buffers(ctx)
-    submit_ready_batches(ctx)
-    run_local_jobs(ctx)
-    rewrite_result(ctx, ids[0], {"code": "invalid_request", "message": "bad body"})
-    time.sleep(0.02)
-    poll_due_batches(ctx)
-    collect_ready_batches(ctx)
+    run_with_line_error(ctx, ids[0], {"code": "invalid_request", "message": "bad body"})
     results = {r.request_id: r for r in delivered(ctx)}
     assert len(results) == 10
     assert results[ids[0]].status == "failed"
@@ -367,13 +366,7 @@ def test_cancelled_result_carries_the_request_metadata(ctx: WorkerContext) -> No
 def test_cancelling_a_requeued_request_reaches_the_record(ctx: WorkerContext) -> None:
     # Given a request sent round again after a retryable line error
     ids = submit(ctx, 10)
-    pack_due_buffers(ctx)
-    submit_ready_batches(ctx)
-    run_local_jobs(ctx)
-    rewrite_result(ctx, ids[0], {"code": "rate_limit", "message": "slow down"})
-    time.sleep(0.02)
-    poll_due_batches(ctx)
-    collect_ready_batches(ctx)
+    run_with_line_error(ctx, ids[0], {"code": "rate_limit", "message": "slow down"})
     assert len(delivered(ctx)) == 9
 
     # When its producer cancels it (in Redis) and the reaper's reconciliation runs

@@ -7,9 +7,10 @@ The order of steps is what makes a crash harmless:
 3. one SQL transaction inserts the batch row and the request rows (the commit point);
 4. the claim keys are dropped.
 
-A crash before 3 leaves a claim that the reaper returns to the buffer (it first inserts an
-``abandoned`` row under the same id, so a slow packer's commit then fails instead of racing
-it); a crash after 3 leaves only claim keys, which the reaper drops.
+An error before 3 hands the claim straight back; a crash before 3 leaves a claim that the
+reaper returns to the buffer (both first insert an ``abandoned`` row under the same id, so a
+slow packer's commit then fails instead of racing it); a crash after 3 leaves only claim
+keys, which the reaper drops.
 """
 
 from __future__ import annotations
