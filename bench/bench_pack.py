@@ -124,11 +124,12 @@ def warm_up(ctx: Any, settings: Any) -> None:
     """
     from producer import Producer
     from shared.redis_layout import buffer_name
+    from shared.schemas import DEFAULT_PROVIDER
     from worker import packing
 
     producer = Producer(settings=settings, client=ctx.redis)
     producer.submit_many([{**chat_request(), "model": "warm-up"}] * 10)
-    packing.pack_buffer(ctx, buffer_name(settings.default_provider, "warm-up"), force=True)
+    packing.pack_buffer(ctx, buffer_name(DEFAULT_PROVIDER, "warm-up"), force=True)
 
 
 def child(config: dict[str, Any]) -> dict[str, Any]:
@@ -214,6 +215,7 @@ def verify(result: dict[str, Any], ids: set[str], data_dir: str, redis_url: str)
     from redis import Redis
 
     from shared.redis_layout import Keys, buffer_name
+    from shared.schemas import DEFAULT_PROVIDER
     from shared.settings import Settings
 
     batches = result["batches"]
@@ -246,7 +248,7 @@ def verify(result: dict[str, Any], ids: set[str], data_dir: str, redis_url: str)
     keys = Keys(Settings.load(**settings_overrides(redis_url, data_dir)).key_prefix)
     client = Redis.from_url(redis_url)
     try:
-        left = client.zcard(keys.pending(buffer_name("local", MODEL)))
+        left = client.zcard(keys.pending(buffer_name(DEFAULT_PROVIDER, MODEL)))
         claims = client.zcard(keys.claims)
     finally:
         client.close()

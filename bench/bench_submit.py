@@ -46,6 +46,7 @@ from redis import Redis
 
 from producer import Producer
 from shared.redis_layout import buffer_name
+from shared.schemas import DEFAULT_PROVIDER
 from shared.settings import Settings
 
 BASELINE_KEY = "bench:rpush"
@@ -75,7 +76,7 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
 
 def run_case(case: Case, client: Redis, producer: Producer, rounds: int) -> None:
     """Alternate baseline and candidate for ``rounds`` rounds, after one untimed warm-up."""
-    pending = producer.keys.pending(buffer_name("local", MODEL))
+    pending = producer.keys.pending(buffer_name(DEFAULT_PROVIDER, MODEL))
     for i in range(rounds + 1):
         client.flushdb()
         # The collector would otherwise run inside whichever side allocates the next garbage.
@@ -129,7 +130,7 @@ def check_same_payload(client: Redis, producer: Producer, payload: bytes) -> Non
     """The comparison is only fair if the producer stores exactly the baseline's bytes."""
     request = chat_request()
     handle = producer.submit(request["model"], request["messages"], max_tokens=MAX_TOKENS)
-    buf = buffer_name(producer.settings.default_provider, request["model"])
+    buf = buffer_name(DEFAULT_PROVIDER, request["model"])
     stored = client.hget(producer.keys.bodies(buf), handle.id)
     if stored != payload:
         raise RuntimeError(f"producer stored {stored!r:.80}, baseline pushes {payload!r:.80}")

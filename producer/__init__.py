@@ -3,7 +3,7 @@
 from producer.aio import AsyncProducer, AsyncRequestHandle
 from producer.callback_queue import CallbackQueue, Delivery
 from producer.client import PartialSubmitError, Producer, RequestHandle
-from shared.schemas import ErrorInfo, InvalidRequest, Result
+from shared.schemas import ErrorInfo, IdempotencyConflict, InvalidRequest, Result
 
 __all__ = [
     "AsyncProducer",
@@ -11,6 +11,7 @@ __all__ = [
     "CallbackQueue",
     "Delivery",
     "ErrorInfo",
+    "IdempotencyConflict",
     "InvalidRequest",
     "PartialSubmitError",
     "Producer",

@@ -14,7 +14,10 @@ from producer.client import PartialSubmitError
 from producer.protocol import (
     RequestState,
     cancel_args,
+    check_taken_keys,
+    conflict_or_none,
     enqueue_args,
+    keyed_requests,
     read_enqueue_reply,
     read_state,
     request_dict,
@@ -22,14 +25,26 @@ from producer.protocol import (
 from producer.wakeup import AggregatorWaker
 from shared.embedded_redis import resolve_redis_url
 from shared.redis_layout import Keys, script_source
-from shared.schemas import InvalidRequest, PreparedRequest, Result, prepare_many, prepare_request
+from shared.schemas import (
+    IdempotencyConflict,
+    InvalidRequest,
+    PreparedRequest,
+    Result,
+    prepare_many,
+    prepare_request,
+    single_field,
+)
 from shared.settings import Settings
 
 _CHUNK = 500
 
 
 class AsyncProducer:
-    """Submits requests from asyncio code; create it inside the event loop that uses it."""
+    """Submits requests from asyncio code; create it inside the event loop that uses it.
+
+    Like :class:`Producer`, it needs only the Redis URL: the worker picks the provider of a
+    request that names none.
+    """
 
     def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.load()
@@ -38,7 +53,6 @@ class AsyncProducer:
         self.keys = Keys(self.settings.key_prefix)
         self._enqueue = self._client.register_script(script_source("enqueue"))
         self._finish = self._client.register_script(script_source("finish"))
-        self._default_provider = self.settings.default_provider
         self._waker: AggregatorWaker | None = None
 
     @classmethod
@@ -58,7 +72,7 @@ class AsyncProducer:
         provider: str | None = None,
         **body_fields: Any,
     ) -> AsyncRequestHandle:
-        """Validate one request and enqueue it in one round trip."""
+        """Validate one request and enqueue it in one round trip (errors as Producer.submit)."""
         options = {
             "max_tokens": max_tokens,
             "callback_queue": callback_queue,
@@ -68,28 +82,46 @@ class AsyncProducer:
         }
         prepared = prepare_request(
             request_dict(model, messages, options, body_fields),
-            default_provider=self._default_provider,
             max_line_bytes=self.settings.max_line_bytes,
+            max_metadata_bytes=self.settings.max_metadata_bytes,
         )
-        return (await self._send([prepared]))[0]
+        try:
+            return (await self._send([prepared]))[0]
+        except IdempotencyConflict as exc:
+            raise exc.with_field(single_field(exc.field)) from None
 
     async def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[AsyncRequestHandle]:
-        """Validate every request first, then enqueue them all."""
+        """Validate and encode every request first, then enqueue them all.
+
+        Errors are those of :meth:`Producer.submit_many`: InvalidRequest before anything is
+        written, PartialSubmitError when a refused chunk leaves only some requests stored.
+        """
         try:
             prepared = prepare_many(
-                [dict(r) for r in requests],
-                default_provider=self._default_provider,
+                [r if type(r) is dict else dict(r) for r in requests],
                 max_line_bytes=self.settings.max_line_bytes,
+                max_metadata_bytes=self.settings.max_metadata_bytes,
             )
+            # One chunk is checked and stored atomically by the script; several need their
+            # keys checked up front so that a conflict stores nothing.
+            if len(prepared) > _CHUNK and (keyed := keyed_requests(prepared)):
+                taken = await self._client.mget([self.keys.idempotency(k) for k in keyed])
+                check_taken_keys(keyed, taken)
         except InvalidRequest as exc:
-            raise InvalidRequest(f"requests{exc.field}", exc.rule) from None
+            raise exc.with_field(f"requests{exc.field}") from None
         handles: list[AsyncRequestHandle] = []
         for start in range(0, len(prepared), _CHUNK):
             try:
-                handles += await self._send(prepared[start : start + _CHUNK])
-            except ResponseError as exc:  # earlier chunks are stored: say which
+                handles += await self._send(prepared[start : start + _CHUNK], start)
+            except (ResponseError, IdempotencyConflict) as exc:  # earlier chunks are stored
+                failure: Exception = exc
+                if isinstance(exc, IdempotencyConflict):
+                    failure = exc.with_field(f"requests{exc.field}")
                 missing: list[None] = [None] * (len(prepared) - start)
-                raise PartialSubmitError([*handles, *missing], exc) from exc
+                conflict = conflict_or_none(failure, len(handles))
+                if conflict is not None:
+                    raise conflict from None
+                raise PartialSubmitError([*handles, *missing], failure) from exc
         return handles
 
     async def cancel(self, request_id: str) -> bool:
@@ -118,10 +150,13 @@ class AsyncProducer:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _send(self, prepared: list[PreparedRequest]) -> list[AsyncRequestHandle]:
+    async def _send(
+        self, prepared: list[PreparedRequest], offset: int = 0
+    ) -> list[AsyncRequestHandle]:
         args = enqueue_args(self.keys, self.settings.idempotency_ttl_seconds, prepared)
         reply = await self._enqueue(keys=[self.keys.buffers], args=args)
-        ids, full = read_enqueue_reply(prepared, reply, self.settings.max_batch_requests)
+        max_n = self.settings.max_batch_requests
+        ids, full = read_enqueue_reply(prepared, reply, max_n, offset=offset)
         if full:
             await asyncio.to_thread(self._wake, full)
         return [AsyncRequestHandle(request_id, self) for request_id in ids]

@@ -13,7 +13,10 @@ from redis.exceptions import NoScriptError, ResponseError
 from producer.protocol import (
     RequestState,
     cancel_args,
+    check_taken_keys,
+    conflict_or_none,
     enqueue_args,
+    keyed_requests,
     read_enqueue_reply,
     read_state,
     request_dict,
@@ -22,11 +25,13 @@ from producer.wakeup import AggregatorWaker
 from shared.embedded_redis import resolve_redis_url
 from shared.redis_layout import Keys, Scripts
 from shared.schemas import (
+    IdempotencyConflict,
     InvalidRequest,
     PreparedRequest,
     Result,
     prepare_many,
     prepare_request,
+    single_field,
 )
 from shared.settings import Settings
 
@@ -36,7 +41,12 @@ _CHUNK = 100
 
 
 class Producer:
-    """Submits requests to batchbridge through Redis; cheap to create, safe to share by threads."""
+    """Submits requests to batchbridge through Redis; cheap to create, safe to share by threads.
+
+    A producer needs only the Redis URL: a request that names no provider goes to the
+    deployment's default as the *worker* is configured (its buffer is ``default:{model}``),
+    so no provider key or provider setting in the producer's environment changes anything.
+    """
 
     def __init__(
         self,
@@ -51,8 +61,8 @@ class Producer:
         self.keys = Keys(self.settings.key_prefix)
         self._scripts = Scripts(self._client)
         self._waker = AggregatorWaker(self._client, self.keys, url)
-        self._default_provider = self.settings.default_provider
         self._max_line = self.settings.max_line_bytes
+        self._max_metadata = self.settings.max_metadata_bytes
 
     @classmethod
     def from_env(cls) -> Producer:
@@ -76,7 +86,11 @@ class Producer:
         provider: str | None = None,
         **body_fields: Any,
     ) -> RequestHandle:
-        """Validate one request and enqueue it in one round trip; returns its handle."""
+        """Validate one request and enqueue it in one round trip; returns its handle.
+
+        Raises InvalidRequest naming the field and the rule (IdempotencyConflict when the key
+        was used for a different request), having stored nothing.
+        """
         options = {
             "max_tokens": max_tokens,
             "callback_queue": callback_queue,
@@ -86,35 +100,51 @@ class Producer:
         }
         request = request_dict(model, messages, options, body_fields)
         prepared = prepare_request(
-            request, default_provider=self._default_provider, max_line_bytes=self._max_line
+            request, max_line_bytes=self._max_line, max_metadata_bytes=self._max_metadata
         )
         reply = self._scripts.run("enqueue", [self.keys.buffers], self._args([prepared]))
-        return self._handles([prepared], reply)[0]
+        try:
+            return self._handles([prepared], reply)[0]
+        except IdempotencyConflict as exc:
+            raise exc.with_field(single_field(exc.field)) from None
 
     def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[RequestHandle]:
-        """Validate every request first, then enqueue them all, pipelined.
+        """Validate and encode every request first, then enqueue them all, pipelined.
 
         Each request is a mapping of :meth:`submit`'s arguments (``model``, ``messages``, ...).
+        Any InvalidRequest (IdempotencyConflict included) is raised before anything is
+        written. Chunks are stored atomically one by one, so if Redis refuses one (or a
+        concurrent producer takes one of its idempotency keys for a different request) the
+        others may be stored: PartialSubmitError then says which.
         """
         try:
             prepared = prepare_many(
-                [dict(r) for r in requests],
-                default_provider=self._default_provider,
+                [r if type(r) is dict else dict(r) for r in requests],
                 max_line_bytes=self._max_line,
+                max_metadata_bytes=self._max_metadata,
             )
+            chunks = [prepared[i : i + _CHUNK] for i in range(0, len(prepared), _CHUNK)]
+            # One chunk is checked and stored atomically by the script; several need their
+            # keys checked up front so that a conflict stores nothing.
+            if len(chunks) > 1 and (keyed := keyed_requests(prepared)):
+                taken = self._client.mget([self.keys.idempotency(k) for k in keyed])
+                check_taken_keys(keyed, taken)
         except InvalidRequest as exc:
-            raise InvalidRequest(f"requests{exc.field}", exc.rule) from None
-        chunks = [prepared[i : i + _CHUNK] for i in range(0, len(prepared), _CHUNK)]
+            raise exc.with_field(f"requests{exc.field}") from None
         handles: list[RequestHandle | None] = []
         failure: Exception | None = None
         for chunk, reply in zip(chunks, self._enqueue_chunks(chunks), strict=True):
-            if isinstance(reply, Exception):
-                failure = failure or reply
-                handles.extend([None] * len(chunk))
-            else:
-                handles.extend(self._handles(chunk, reply))
+            if not isinstance(reply, Exception):
+                try:
+                    handles.extend(self._handles(chunk, reply, len(handles)))
+                    continue
+                except IdempotencyConflict as exc:
+                    reply = exc.with_field(f"requests{exc.field}")
+            failure = failure or reply
+            handles.extend([None] * len(chunk))
         if failure is not None:
-            raise PartialSubmitError(handles, failure)
+            stored = sum(h is not None for h in handles)
+            raise conflict_or_none(failure, stored) or PartialSubmitError(handles, failure)
         return handles  # type: ignore[return-value]  # no None left when nothing failed
 
     def _enqueue_chunks(self, chunks: list[list[PreparedRequest]]) -> list[Any]:
@@ -186,8 +216,11 @@ class Producer:
     def _args(self, prepared: list[PreparedRequest]) -> list[Any]:
         return enqueue_args(self.keys, self.settings.idempotency_ttl_seconds, prepared)
 
-    def _handles(self, prepared: list[PreparedRequest], reply: list[Any]) -> list[RequestHandle]:
-        ids, full = read_enqueue_reply(prepared, reply, self.settings.max_batch_requests)
+    def _handles(
+        self, prepared: list[PreparedRequest], reply: list[Any], offset: int = 0
+    ) -> list[RequestHandle]:
+        max_n = self.settings.max_batch_requests
+        ids, full = read_enqueue_reply(prepared, reply, max_n, offset=offset)
         if full:
             self._waker.wake(full)
         return [RequestHandle(request_id, self) for request_id in ids]
@@ -203,13 +236,15 @@ class PartialSubmitError(RuntimeError):
     """Redis refused part of a submit_many; ``handles`` has None where a request was not stored.
 
     Requests with a handle were enqueued; resubmitting the others (with idempotency keys, to
-    be safe) completes the call.
+    be safe) completes the call. The cause is Redis' error, or an IdempotencyConflict when a
+    concurrent producer took a key of a later chunk for a different request.
     """
 
     def __init__(self, handles: Sequence[Any], cause: Exception) -> None:
         stored = sum(h is not None for h in handles)
-        super().__init__(f"{stored} of {len(handles)} requests were enqueued; Redis said: {cause}")
+        super().__init__(f"{stored} of {len(handles)} requests were enqueued; refused: {cause}")
         self.handles = list(handles)
+        self.cause = cause
 
 
 class RequestHandle:

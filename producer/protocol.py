@@ -8,7 +8,13 @@ from typing import Any, Literal, cast
 import orjson
 
 from shared.redis_layout import Keys, buffer_name, text
-from shared.schemas import ErrorInfo, PreparedRequest, Result
+from shared.schemas import (
+    ErrorInfo,
+    IdempotencyConflict,
+    PreparedRequest,
+    Result,
+    idempotency_conflict,
+)
 
 RequestState = Literal["pending", "batched", "completed", "failed", "cancelled", "unknown"]
 
@@ -23,7 +29,11 @@ def request_dict(
 
 
 def enqueue_args(keys: Keys, idempotency_ttl: int, prepared: list[PreparedRequest]) -> list[Any]:
-    """ARGV for ``enqueue.lua``."""
+    """ARGV for ``enqueue.lua``.
+
+    Every value is a str (model names are valid UTF-8: they passed orjson), bytes or int, so
+    packing the command cannot fail after an earlier chunk was written.
+    """
     args: list[Any] = [keys.base, int(time.time() * 1000), idempotency_ttl]
     for p in prepared:
         args += (
@@ -34,21 +44,61 @@ def enqueue_args(keys: Keys, idempotency_ttl: int, prepared: list[PreparedReques
             p.body,
             p.callback_queue,
             p.metadata,
+            p.digest,
         )
     return args
 
 
 def read_enqueue_reply(
-    prepared: list[PreparedRequest], reply: list[Any], full_at: int
+    prepared: list[PreparedRequest], reply: list[Any], full_at: int, *, offset: int = 0
 ) -> tuple[list[str], set[str]]:
-    """The request ids (an idempotency repeat gets the first id) and the buffers now full."""
-    # reply: B, B pairs (buf, count), then pairs (position, existing id) for repeats.
+    """The request ids (an idempotency repeat gets the first id) and the buffers now full.
+
+    Raises IdempotencyConflict naming ``[offset + position].idempotency_key`` when the script
+    refused the chunk (then it stored nothing of it).
+    """
+    # reply: B, B pairs (buf, count), then pairs (position, existing id) for repeats; or
+    # -1, position, existing id for a key taken by a different request.
     n_bufs = int(reply[0])
+    if n_bufs < 0:
+        field = f"[{offset + int(reply[1]) - 1}].idempotency_key"
+        raise idempotency_conflict(field, text(reply[2]))
     ids = [p.id for p in prepared]
     for i in range(1 + 2 * n_bufs, len(reply), 2):
         ids[int(reply[i]) - 1] = text(reply[i + 1])
     full = {text(reply[i]) for i in range(1, 1 + 2 * n_bufs, 2) if int(reply[i + 1]) >= full_at}
     return ids, full
+
+
+def keyed_requests(prepared: list[PreparedRequest]) -> dict[str, tuple[int, str]]:
+    """Idempotency key -> (position of its first request, digest), for a pre-flight check."""
+    keyed: dict[str, tuple[int, str]] = {}
+    for i, p in enumerate(prepared):
+        if p.idempotency_key:
+            keyed.setdefault(p.idempotency_key, (i, p.digest))
+    return keyed
+
+
+def check_taken_keys(keyed: dict[str, tuple[int, str]], values: list[Any]) -> None:
+    """Raise IdempotencyConflict if a key (``MGET`` reply ``values``) is bound elsewhere.
+
+    submit_many sends several chunks, each atomic on its own; checking every key first means
+    a conflict is refused before any chunk is stored. (A concurrent producer can still take
+    a key in between: the script then refuses that chunk, reported by PartialSubmitError.)
+    """
+    for (i, digest), raw in zip(keyed.values(), values, strict=True):
+        if raw is None:
+            continue
+        held_id, sep, held_digest = text(raw).partition("/")
+        if sep and held_digest != digest:
+            raise idempotency_conflict(f"[{i}].idempotency_key", held_id)
+
+
+def conflict_or_none(failure: Exception | None, stored: int) -> IdempotencyConflict | None:
+    """The conflict to raise as is when a submit_many stored nothing because of it."""
+    if stored == 0 and isinstance(failure, IdempotencyConflict):
+        return failure
+    return None
 
 
 def cancel_args(keys: Keys, result_ttl: int, request_id: str, metadata: Any) -> list[Any]:

@@ -8,7 +8,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, event, update
+from sqlalchemy import Engine, bindparam, event, inspect, literal_column, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
@@ -42,6 +42,43 @@ def create_tables(engine: Engine) -> None:
         SQLModel.metadata.create_all(engine)
     except (OperationalError, ProgrammingError, IntegrityError):
         SQLModel.metadata.create_all(engine)  # the other process won; now they all exist
+    add_missing_columns(engine)
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add columns a newer version defines to tables an older one created; their names.
+
+    Only additive, nullable-or-defaulted columns are ever added, so this is safe to run on
+    every start (real migrations are a later step).
+    """
+    added = []
+    inspector = inspect(engine)
+    for table in SQLModel.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            kind = column.type.compile(dialect=engine.dialect)
+            default = _literal_default(column.default)
+            ddl = f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}{default}'
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text(ddl))
+            except (OperationalError, ProgrammingError):
+                continue  # another process added it first
+            added.append(f"{table.name}.{column.name}")
+    return added
+
+
+def _literal_default(default: Any) -> str:
+    value = getattr(default, "arg", None)
+    if isinstance(value, bool):
+        return f" DEFAULT {int(value)}"
+    if isinstance(value, int | float):
+        return f" DEFAULT {value}"
+    return ""
 
 
 def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -98,10 +135,15 @@ def _clipped(fields: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert request rows, or point existing ones (a retried request) at their new batch."""
+def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert request rows, or point requeued ones at their new batch; how many were written.
+
+    A row that exists and is not ``requeued`` is left alone: its request is still held by
+    another batch, or finished, and only a Redis that lost writes can offer it again. Moving
+    it would let two batches bill one request; the caller compares the count with the rows.
+    """
     if not rows:
-        return
+        return 0
     dialect = session.get_bind().dialect
     insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
     table = Request.__table__  # type: ignore[attr-defined]
@@ -113,6 +155,8 @@ def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
             "state": stmt.excluded.state,
             "attempts": stmt.excluded.attempts,
         },
+        # A literal, not a parameter: the rows below are handed to the driver positionally.
+        where=table.c.state == literal_column(f"'{RequestState.REQUEUED.value}'"),
     )
     # Packing records up to 50,000 rows at once: compile the statement once and hand plain
     # values to the driver's executemany, skipping SQLAlchemy's per-row processing (which
@@ -123,14 +167,31 @@ def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         params: list[Any] = list(map(itemgetter(*(compiled.positiontup or [])), rows))
     else:
         params = list(rows)
-    session.connection().exec_driver_sql(str(compiled), params)
+    written = session.connection().exec_driver_sql(str(compiled), params).rowcount
+    return int(written)
+
+
+def held_elsewhere(session: Session, batch_id: str, ids: Sequence[str]) -> dict[str, str]:
+    """Of ``ids``, those the record files under a batch other than ``batch_id``: id -> batch."""
+    table = Request.__table__  # type: ignore[attr-defined]
+    found: dict[str, str] = {}
+    for start in range(0, len(ids), 1000):
+        chunk = list(ids[start : start + 1000])
+        rows = session.execute(
+            select(table.c.id, table.c.batch_id)
+            .where(table.c.id.in_(chunk))
+            .where(table.c.batch_id != batch_id)
+        )
+        found.update({request_id: other for request_id, other in rows})
+    return found
 
 
 def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, Any]]) -> None:
     """Record outcomes of requests still batched in ``batch_id`` (others are left alone).
 
-    Each row has id, state, error_code, error_message, prompt_tokens, completion_tokens and
-    finished_at.
+    Each row has id, state, error_code, error_message, prompt_tokens, completion_tokens,
+    finished_at and result (the terminal Result's JSON as delivered, or None for a requeue):
+    the outcome and the result it was delivered with are written in one conditional UPDATE.
     """
     if not rows:
         return
@@ -147,6 +208,7 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
             prompt_tokens=bindparam("prompt_tokens"),
             completion_tokens=bindparam("completion_tokens"),
             finished_at=bindparam("finished_at"),
+            result=bindparam("result"),
         )
     )
     params = [
@@ -158,6 +220,7 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
             "prompt_tokens": r["prompt_tokens"],
             "completion_tokens": r["completion_tokens"],
             "finished_at": r["finished_at"],
+            "result": r.get("result"),
         }
         for r in rows
     ]

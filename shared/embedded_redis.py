@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Literal
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -41,14 +42,42 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class EmbeddedRedis:
-    """Runs redis-server on a free loopback port with its files under ``directory``."""
+AppendFsync = Literal["always", "everysec"]
 
-    def __init__(self, directory: Path, *, persistent: bool = True) -> None:
+
+class EmbeddedRedis:
+    """Runs redis-server on a loopback port with its files under ``directory``.
+
+    ``port`` 0 picks a free port at each start; after a start the port is kept, so stopping
+    and starting again (or :meth:`kill` then start) brings the same server back at the same
+    URL with the same append-only file, as a restarted production Redis would be.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        persistent: bool = True,
+        appendfsync: AppendFsync = "everysec",
+        port: int = 0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.directory = directory
         self.persistent = persistent
-        self.port = 0
+        self.appendfsync: AppendFsync = appendfsync
+        self.port = port
+        self.extra_args = extra_args  # appended last, so they override the defaults above
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def aof_path(self) -> Path:
+        """The append-only file (redis 6.2 keeps one file, no multi-part manifest)."""
+        return self.directory / "appendonly.aof"
 
     @property
     def url(self) -> str:
@@ -63,7 +92,8 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> str:
         """Start the server and wait until it answers PING; return its URL."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        if not self.port:
+            self.port = free_port()
         args = [
             redis_server_binary(),
             "--port", str(self.port),
@@ -71,10 +101,13 @@ class EmbeddedRedis:
             "--dir", str(self.directory),
             "--save", "",
             "--appendonly", "yes" if self.persistent else "no",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
+            # Start even from an AOF whose last command was cut off (what a crash leaves).
+            "--aof-load-truncated", "yes",
             "--maxmemory-policy", "noeviction",
             "--logfile", str(self.directory / "redis.log"),
             "--daemonize", "no",
+            *self.extra_args,
         ]  # fmt: skip
         self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
@@ -110,6 +143,24 @@ class EmbeddedRedis:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if process.stderr:
+            process.stderr.close()
+
+    def alive(self) -> bool:
+        """Whether the server process is running."""
+        return self._process is not None and self._process.poll() is None
+
+    def exit_code(self) -> int | None:
+        """The server's exit status once it has died (None while running or not started)."""
+        return self._process.poll() if self._process is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL the server: no AOF flush, no goodbye (what a crash looks like to Redis)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.kill()
+        process.wait()
         if process.stderr:
             process.stderr.close()
 

@@ -71,10 +71,22 @@ class Batch(SQLModel, table=True):
     output_file_id: str | None = Field(default=None, max_length=128)
     error_file_id: str | None = Field(default=None, max_length=128)
     submit_attempts: int = 0
-    create_started_at: datetime | None = None  # a create call may be in flight since then
+    # A create call may be in flight, or may have taken effect unseen, since then: set when the
+    # right to create is taken and cleared only once the create's outcome is known for sure.
+    create_started_at: datetime | None = None
+    ambiguous_creates: int = 0  # creates that failed in a way that may still have created a job
+    # Until then, polls also look for a second job over our input file (a late ambiguous create).
+    duplicate_check_until: datetime | None = None
+    # JSON list of the other provider jobs found for this batch and what was done about them.
+    extra_jobs: str | None = Field(default=None, sa_type=Text)
+    # Submission is on hold (the provider refuses us, or retries ran out) since then.
+    held_since: datetime | None = None
     collect_failures: int = 0
     poll_count: int = 0
     not_found_polls: int = 0  # consecutive polls the provider answered 404
+    not_found_since: datetime | None = None  # the first of those 404s
+    # The provider said COMPLETED but named no output or error file (yet) since then.
+    no_output_since: datetime | None = None
     completed_count: int = 0
     failed_count: int = 0
     requeued_count: int = 0
@@ -106,3 +118,19 @@ class Request(SQLModel, table=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finished_at: datetime | None = None
+    # The terminal Result's JSON, byte for byte what went on the callback stream, so a result
+    # Redis lost can be delivered again from the record.
+    result: str | None = Field(default=None, sa_type=Text)
+
+
+class RedisEpoch(SQLModel, table=True):
+    """The Redis dataset the record last saw, per key prefix (the id under ``{p}:epoch``).
+
+    A Redis that answers with another id, or none, was wiped or replaced since.
+    """
+
+    __tablename__ = "redis_epochs"
+
+    key_prefix: str = Field(primary_key=True, max_length=32)
+    epoch: str = Field(max_length=64)
+    seen_at: datetime = Field(default_factory=utcnow)

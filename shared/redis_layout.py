@@ -4,20 +4,26 @@ Every key starts with the configured prefix (default ``bb``):
 
 ``{p}:req:{id}``            hash    request: state, buf, enq (ms), seq, size, cbq, meta, batch ...
 ``{p}:bodies:{buf}``        hash    request id -> body JSON, until the request has an outcome
-``{p}:idem:{key}``          string  idempotency key -> request id (expires)
+``{p}:idem:{key}``          string  idempotency key -> "{request id}/{request digest}" (expires)
 ``{p}:pending:{buf}``       zset    the pending buffer of one (provider, model), by enqueue seq
 ``{p}:seq``                 string  enqueue sequence counter (keeps buffers first-in first-out)
-``{p}:buffers``             hash    buf -> bytes of JSONL waiting; its fields list the buffers
+``{p}:buffers``             hash    buf -> bytes waiting (lines + metadata); fields list buffers
 ``{p}:claim:{batch}``       hash    an uncommitted claim: buf, count, bytes, at
 ``{p}:claim:{batch}:ids``   list    the request ids of that claim, in file order
 ``{p}:claims``              zset    batch ids of uncommitted claims, by claim time
 ``{p}:cb:{queue}``          stream  a callback queue (consumer group ``consumers``)
+``{p}:cbdead:{queue}``      stream  results of that queue delivered too often without an ack:
+                                    id, request_id, deliveries, reason, result
 ``{p}:lock:{name}``         string  short leases that keep periodic work single-flight
 ``{p}:wake:{buf}``          string  debounces aggregator wake-ups sent by producers
+``{p}:epoch``               string  random id of this Redis dataset; SQL remembers it, so a
+                                    wiped or replaced Redis is noticed (worker/redis_checks.py)
 
 A request's state in Redis moves ``pending -> batched -> done``; ``batched -> pending`` when a
 claim is abandoned or a retryable failure sends it round again; ``pending -> done`` on cancel.
-``buf`` is ``"{provider}:{model}"``; provider names never contain a colon.
+``buf`` is ``"{provider}:{model}"``; provider names never contain a colon. A request that
+names no provider waits in ``"default:{model}"``; the packer sends it to the worker's
+default provider.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ _SCRIPT_NAMES = (
     "finish",
     "release_lease",
     "renew_lease",
+    "reclaim_callback",
+    "restore_done",
+    "reclaim_batch",
 )
 
 
@@ -101,6 +110,10 @@ class Keys:
         """Stream backing one callback queue."""
         return f"{self.prefix}:cb:{queue}"
 
+    def callback_dead(self, queue: str) -> str:
+        """Dead-letter stream of one callback queue."""
+        return f"{self.prefix}:cbdead:{queue}"
+
     def lock(self, name: str) -> str:
         """A short lease."""
         return f"{self.prefix}:lock:{name}"
@@ -108,6 +121,11 @@ class Keys:
     def wake(self, buf: str) -> str:
         """Debounce marker for aggregator wake-ups of one buffer."""
         return f"{self.prefix}:wake:{buf}"
+
+    @property
+    def epoch(self) -> str:
+        """The random id naming this Redis dataset."""
+        return f"{self.prefix}:epoch"
 
 
 def script_source(name: str) -> str:

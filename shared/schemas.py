@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import math
 import os
+import re
 from typing import Annotated, Any, Literal, NamedTuple, NotRequired
 
 import orjson
@@ -12,8 +16,23 @@ from typing_extensions import TypedDict
 ResultStatus = Literal["completed", "failed", "cancelled"]
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 _ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
+# No C0 control character (U+0000-U+001F) and no DEL: a model name is a name, not text.
+_NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+_NO_CONTROL_RULE = "must not contain control characters (U+0000-U+001F, U+007F)"
 # The JSONL line is b'{"custom_id":"' + id + b'","body":' + body + b'}\n'.
 LINE_OVERHEAD = len(b'{"custom_id":"') + len(b'","body":') + len(b"}\n")
+# The provider part of the buffer of a request that names no provider. The producer never
+# guesses the deployment's default (it would read its own environment, not the worker's);
+# the packer resolves this to the worker's ``Settings.default_provider`` when it records the
+# batch. Not a valid ``provider`` value, so no request can name it.
+DEFAULT_PROVIDER = "default"
+# What the local echo engine puts in every answer (shared/providers/local/engines.py).
+DRY_RUN_FINGERPRINT = "batchbridge-echo-dry-run"
+# orjson writes every JSON-native type plus these; dataclasses are not JSON, so refuse them.
+_DUMPS_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS
+# The regex engine's literal search scans a 1 KB body in about 60% of the time that
+# ``b"null" in body`` takes (CPython 3.11), and this runs once per submitted request.
+_find_null = re.compile(rb"null").search
 
 
 class InvalidRequest(ValueError):
@@ -23,6 +42,18 @@ class InvalidRequest(ValueError):
         super().__init__(f"{field}: {rule}")
         self.field = field
         self.rule = rule
+
+    def with_field(self, field: str) -> InvalidRequest:
+        """The same error (and class) naming the field as the caller knows it."""
+        return type(self)(field, self.rule)
+
+
+class IdempotencyConflict(InvalidRequest):
+    """The idempotency key already stands for a different request; this one was not stored.
+
+    As with Stripe's API, a key may be reused only to retry the identical request: the same
+    provider, model, body fields, callback queue and metadata.
+    """
 
 
 class ErrorInfo(BaseModel):
@@ -35,7 +66,11 @@ class ErrorInfo(BaseModel):
 
 
 class Result(BaseModel):
-    """The one terminal outcome of a request, as delivered to its callback queue."""
+    """The one terminal outcome of a request, as delivered to its callback queue.
+
+    ``dry_run`` is true when the answer came from the local echo engine (no model ran), so a
+    consumer never mistakes dry-run text for a real completion.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -47,19 +82,30 @@ class Result(BaseModel):
     batch_id: str | None = None
     attempts: int = 0
     metadata: dict[str, Any] | None = None
+    dry_run: bool = False
 
     def to_json(self) -> bytes:
-        """Serialise compactly for Redis."""
-        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+        """Serialise compactly for Redis (``dry_run`` only when true: it is rare)."""
+        return orjson.dumps(
+            self.model_dump(
+                mode="json", exclude_none=True, exclude=None if self.dry_run else {"dry_run"}
+            )
+        )
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Result:
         """Inverse of :meth:`to_json`."""
         return cls.model_validate(orjson.loads(raw))
 
+    @staticmethod
+    def is_dry_run(response: dict[str, Any] | None) -> bool:
+        """Whether a provider response body is the echo engine's (a dry run)."""
+        return response is not None and response.get("system_fingerprint") == DRY_RUN_FINGERPRINT
+
 
 class _Message(TypedDict):
-    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    # Strict: nothing is coerced, so the values validated are exactly the values sent.
+    __pydantic_config__ = ConfigDict(extra="allow", strict=True)  # type: ignore[misc]
 
     role: Role
     content: NotRequired[str | list[dict[str, Any]] | None]
@@ -69,9 +115,10 @@ class _RequestFields(TypedDict):
     """A submitted request: producer options plus body fields (extra keys go in the body)."""
 
     # A TypedDict list adapter validates a whole submit_many in one call into pydantic-core.
-    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    # Strict: "5", 5.0 and True are not a max_tokens, and bytes are not a model name.
+    __pydantic_config__ = ConfigDict(extra="allow", strict=True)  # type: ignore[misc]
 
-    model: Annotated[str, Field(min_length=1, max_length=256)]
+    model: Annotated[str, Field(min_length=1, max_length=256, pattern=_NO_CONTROL_PATTERN)]
     messages: Annotated[list[_Message], Field(min_length=1, max_length=10_000)]
     max_tokens: NotRequired[Annotated[int, Field(gt=0)] | None]
     callback_queue: NotRequired[Annotated[str, Field(pattern=_ID_PATTERN)] | None]
@@ -83,16 +130,19 @@ class _RequestFields(TypedDict):
 _validate_many = TypeAdapter(list[_RequestFields]).validate_python
 # Producer options: stored beside the body, never sent to the provider.
 _NOT_IN_BATCH = frozenset({"stream"})
+# Producer options: stored beside the body.
+_OPTIONS = frozenset({"callback_queue", "idempotency_key", "provider", "metadata"})
 # Keys that mean a request needs more than "serialise it as it is".
-_OPTIONS_AND_CHECKS = frozenset(
-    {"callback_queue", "idempotency_key", "provider", "metadata", *_NOT_IN_BATCH}
-)
+_OPTIONS_AND_CHECKS = _OPTIONS | _NOT_IN_BATCH
 
 
 class PreparedRequest(NamedTuple):
     """A validated request, serialised and ready for the enqueue script.
 
     A NamedTuple rather than a dataclass: submit_many builds one per request on its hot path.
+    ``line_bytes`` is what the request weighs against the line and batch byte limits: its
+    JSONL line plus its metadata, which every result carries back. ``digest`` identifies the
+    request behind an idempotency key ('' without one).
     """
 
     id: str
@@ -103,6 +153,7 @@ class PreparedRequest(NamedTuple):
     metadata: bytes
     idempotency_key: str
     line_bytes: int
+    digest: str
 
 
 def new_request_ids(n: int) -> list[str]:
@@ -112,77 +163,160 @@ def new_request_ids(n: int) -> list[str]:
 
 
 def prepare_many(
-    requests: list[dict[str, Any]], *, default_provider: str, max_line_bytes: int
+    requests: list[dict[str, Any]], *, max_line_bytes: int, max_metadata_bytes: int
 ) -> list[PreparedRequest]:
-    """Validate and serialise requests, or raise InvalidRequest naming ``[i].field``."""
+    """Validate and serialise requests, or raise InvalidRequest naming ``[i].field``.
+
+    Everything the enqueue script is sent is encoded here, before anything is written, so an
+    encoding error can never leave part of a submit_many stored.
+    """
     try:
-        _validate_many(requests)
+        # Strict validation coerces nothing, so the input holds exactly the values checked and
+        # is what gets serialised: the validator's copies would be slower to encode (their
+        # keys are new strings without a cached hash). The names sent beside the body are
+        # taken from the copies, which are plain str even where a str subclass was given.
+        checked: list[dict[str, Any]] = _validate_many(requests)  # type: ignore[assignment]
     except ValidationError as exc:
         raise _invalid_from(exc) from None
     prepared = []
     ids = new_request_ids(len(requests))
     overhead = LINE_OVERHEAD + 32
-    for i, request in enumerate(requests):
-        body = request
-        callback_queue = idempotency_key = provider = metadata = None
-        if not _OPTIONS_AND_CHECKS.isdisjoint(request) or request.get("max_tokens", 1) is None:
-            body = dict(request)
-            callback_queue = body.pop("callback_queue", None)
-            idempotency_key = body.pop("idempotency_key", None)
-            provider = body.pop("provider", None)
-            metadata = body.pop("metadata", None)
+    keys_used: dict[str, tuple[int, str]] = {}
+    for i, body in enumerate(requests):
+        callback_queue = idempotency_key = provider = None
+        metadata = b""
+        if not _OPTIONS_AND_CHECKS.isdisjoint(body) or body.get("max_tokens", 1) is None:
+            options = checked[i]
+            callback_queue = options.get("callback_queue")
+            idempotency_key = options.get("idempotency_key")
+            provider = options.get("provider")
+            raw_metadata = body.get("metadata")
+            body = {k: v for k, v in body.items() if k not in _OPTIONS}
             if "max_tokens" in body and body["max_tokens"] is None:
                 del body["max_tokens"]
             for name in _NOT_IN_BATCH.intersection(body):
                 raise InvalidRequest(f"[{i}].{name}", "is not allowed in a batch request")
-        encoded = _dumps_checked(body, f"[{i}]")
-        line_bytes = overhead + len(encoded)
+            if raw_metadata is not None:
+                metadata = _encode(raw_metadata, f"[{i}].metadata")
+                if len(metadata) > max_metadata_bytes:
+                    raise InvalidRequest(
+                        f"[{i}].metadata",
+                        f"is {len(metadata)} bytes as JSON, over the {max_metadata_bytes}-byte "
+                        "limit (BATCHBRIDGE_MAX_METADATA_BYTES)",
+                    )
+        encoded = _encode(body, f"[{i}]")
+        line = overhead + len(encoded)
+        line_bytes = line + len(metadata)
         if line_bytes > max_line_bytes:
             raise InvalidRequest(
-                f"[{i}].messages",
-                f"the request's batch line would be {line_bytes} bytes, over the "
-                f"{max_line_bytes}-byte limit per line",
+                f"[{i}].messages" if line > max_line_bytes else f"[{i}].metadata",
+                f"the request would take {line_bytes} bytes ({line} for its batch line, "
+                f"{len(metadata)} of metadata), over the {max_line_bytes}-byte limit per "
+                "request (BATCHBRIDGE_MAX_LINE_BYTES)",
             )
+        provider = provider or DEFAULT_PROVIDER
+        callback_queue = callback_queue or ""
+        digest = ""
+        if idempotency_key:
+            digest = request_digest(provider, callback_queue, encoded, metadata)
+            first = keys_used.setdefault(idempotency_key, (i, digest))
+            if first[1] != digest:
+                raise IdempotencyConflict(
+                    f"[{i}].idempotency_key",
+                    f"is also the key of [{first[0]}], a different request; reuse a key only "
+                    "to retry the identical request",
+                )
         prepared.append(
             PreparedRequest(
                 ids[i],
-                provider or default_provider,
-                body["model"],
+                provider,
+                checked[i]["model"],
                 encoded,
-                callback_queue or "",
-                b"" if metadata is None else _dumps_checked(metadata, f"[{i}].metadata"),
+                callback_queue,
+                metadata,
                 idempotency_key or "",
                 line_bytes,
+                digest,
             )
         )
     return prepared
 
 
 def prepare_request(
-    request: dict[str, Any], *, default_provider: str, max_line_bytes: int
+    request: dict[str, Any], *, max_line_bytes: int, max_metadata_bytes: int
 ) -> PreparedRequest:
     """Validate and serialise one request, or raise InvalidRequest naming the field."""
     try:
         return prepare_many(
-            [request], default_provider=default_provider, max_line_bytes=max_line_bytes
+            [request], max_line_bytes=max_line_bytes, max_metadata_bytes=max_metadata_bytes
         )[0]
     except InvalidRequest as exc:
-        raise InvalidRequest(exc.field.removeprefix("[0]").lstrip("."), exc.rule) from None
+        raise exc.with_field(single_field(exc.field)) from None
 
 
-def _dumps_checked(value: Any, field: str) -> bytes:
+def single_field(field: str) -> str:
+    """``[0].x`` as a single submit names it: ``x``."""
+    return field.removeprefix("[0]").lstrip(".")
+
+
+def request_digest(provider: str, callback_queue: str, body: bytes, metadata: bytes) -> str:
+    """What an idempotency key is bound to: everything that makes the request what it is."""
+    # NUL cannot occur inside any part (JSON escapes it; names are pattern-checked), so
+    # joining on it is unambiguous.
+    parts = b"\0".join((provider.encode(), callback_queue.encode(), body, metadata))
+    return hashlib.blake2b(parts, digest_size=16).hexdigest()
+
+
+def idempotency_conflict(field: str, existing_id: str) -> IdempotencyConflict:
+    """The error for a key already bound to a different request."""
+    return IdempotencyConflict(
+        field,
+        f"was already used for a different request ({existing_id}); reuse a key only to retry "
+        "the identical request (same provider, model, body fields, callback_queue and metadata)",
+    )
+
+
+def _encode(value: Any, field: str) -> bytes:
     try:
-        return orjson.dumps(value)
+        encoded = orjson.dumps(value, option=_DUMPS_OPTIONS)
     except TypeError:
         if isinstance(value, dict):
             for key, item in value.items():
                 try:
-                    orjson.dumps(item)
+                    orjson.dumps(item, option=_DUMPS_OPTIONS)
                 except TypeError as exc:
                     raise InvalidRequest(
                         f"{field}.{key}", f"must be JSON-serialisable ({exc})"
                     ) from None
         raise InvalidRequest(field, "must be JSON-serialisable") from None
+    # orjson writes NaN and ±Infinity as null. Both are rare, so the bytes are searched (one
+    # fast scan) and the value walked only on a hit, which a real null also causes.
+    if _find_null(encoded):
+        found = _non_finite(value, field)
+        if found is not None:
+            path, number = found
+            rule = f"must be a finite number (got {number!r}: JSON has no NaN or Infinity)"
+            raise InvalidRequest(path, rule)
+    return encoded
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """Where the first NaN or ±Infinity inside ``value`` is, and which it is."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _non_finite(item, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for j, item in enumerate(value):
+            found = _non_finite(item, f"{path}[{j}]")
+            if found is not None:
+                return found
+    elif isinstance(value, enum.Enum):
+        return _non_finite(value.value, path)
+    return None
 
 
 def _invalid_from(exc: ValidationError) -> InvalidRequest:
@@ -195,4 +329,6 @@ def _invalid_from(exc: ValidationError) -> InvalidRequest:
     rule = err["msg"]
     if err["type"] == "too_short" and field.endswith("].messages"):
         rule = "must be a non-empty list of messages"
+    elif err["type"] == "string_pattern_mismatch" and field.endswith("].model"):
+        rule = _NO_CONTROL_RULE
     return InvalidRequest(field, f"{rule} (got {err.get('input')!r:.80})")

@@ -49,11 +49,25 @@ class Settings(BaseSettings):
     claim_timeout_seconds: float = Field(default=600.0, gt=0)
     # Leases are renewed while held: this bounds how long a dead worker's batch stays taken.
     lease_seconds: float = Field(default=30.0, ge=1)
+    # A job the provider answers 404 for is only taken as lost once this long has passed (and
+    # the batch list confirms it is gone): 404s from an outage or a key change must not re-bill.
+    lost_job_grace_seconds: float = Field(default=900.0, ge=0)
+    # A COMPLETED job without output files is polled again this long (files can lag the status).
+    missing_output_grace_seconds: float = Field(default=600.0, ge=0)
 
     max_attempts: int = Field(default=3, ge=1, le=100)
     result_ttl_seconds: int = Field(default=7 * 86_400, ge=60)
     idempotency_ttl_seconds: int = Field(default=86_400, ge=1)
     callback_visibility_timeout_seconds: float = Field(default=300.0, gt=0)
+    # A result redelivered more often than this moves to the queue's dead-letter stream.
+    callback_max_deliveries: int = Field(default=10, ge=1, le=10_000)
+    # Metadata travels with the request and counts toward its line and batch byte limits.
+    max_metadata_bytes: int = Field(default=16_384, ge=0, le=1_000_000)
+    # Every provider HTTP call gives up after this long (and a create is then ambiguous).
+    provider_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # The embedded Redis' fsync policy: "always" loses no acknowledged submit, "everysec"
+    # (the default) up to about one second of writes on an OS crash or power loss.
+    redis_appendfsync: Literal["always", "everysec"] = "everysec"
 
     visibility_timeout_seconds: int = Field(default=3600, ge=10)
     task_time_limit_seconds: int = Field(default=600, ge=5)

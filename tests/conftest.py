@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from redis import Redis
-from sqlalchemy import create_engine
-from sqlmodel import SQLModel
+from sqlalchemy import create_engine, make_url, text
 
 from shared.embedded_redis import EmbeddedRedis, child_environment, free_port
 from shared.providers.local import EchoEngine, LocalProvider, run_job
@@ -75,20 +76,32 @@ def _database_params() -> list[str]:
 
 @pytest.fixture(params=_database_params())
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """SQLite in the test's folder, and PostgreSQL too when BATCHBRIDGE_TEST_DATABASE_URL is set."""
+    """SQLite in the test's folder, and PostgreSQL too when BATCHBRIDGE_TEST_DATABASE_URL is set.
+
+    Each PostgreSQL test gets a database of its own, created here and dropped afterwards, so
+    tests (and developers running suites side by side) never touch each other's tables.
+    """
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.sqlite3'}"
         return
     assert PG_URL is not None
-    engine = create_engine(PG_URL)
-    SQLModel.metadata.drop_all(engine)
-    engine.dispose()
+    with private_postgres_database(PG_URL) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def private_postgres_database(server_url: str) -> Iterator[str]:
+    """A new, uniquely named database on the server of ``server_url``; dropped on exit."""
+    name = f"bb_test_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
     try:
-        yield PG_URL
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        engine = create_engine(PG_URL)
-        SQLModel.metadata.drop_all(engine)
-        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def make_settings(redis_url: str, data_dir: Path, **overrides: object) -> Settings:
@@ -172,11 +185,14 @@ def start_local_api(tmp_path: Path) -> Iterator[LocalApiFactory]:
     """Start ``batchbridge local-api`` processes on free ports; extra args go to the CLI."""
     started: list[LocalApiServer] = []
 
-    def start(*args: str, api_key: str = "test-key") -> LocalApiServer:
+    def start(
+        *args: str, api_key: str = "test-key", env_overrides: dict[str, str] | None = None
+    ) -> LocalApiServer:
         port = free_port()
         n = len(started)
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHBRIDGE_")}
         env["BATCHBRIDGE_DATA_DIR"] = str(tmp_path / f"local-api-{n}")
+        env.update(env_overrides or {})
         log = open(tmp_path / f"local-api-{n}.log", "wb")  # noqa: SIM115 - the process owns it
         cmd = [sys.executable, "-m", "worker.cli", "local-api", "--port", str(port)]
         process = subprocess.Popen(
@@ -206,3 +222,24 @@ def start_local_api(tmp_path: Path) -> Iterator[LocalApiFactory]:
             except subprocess.TimeoutExpired:
                 server.process.kill()
                 server.process.wait()
+
+
+RedisFactory = Callable[..., EmbeddedRedis]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisFactory]:
+    """Private persistent redis-servers for tests that kill or restart Redis; all stopped after."""
+    started: list[EmbeddedRedis] = []
+
+    def start(name: str = "redis", **options: object) -> EmbeddedRedis:
+        server = EmbeddedRedis(tmp_path / name, **options)  # type: ignore[arg-type]
+        server.start()
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()

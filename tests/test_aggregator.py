@@ -14,6 +14,7 @@ from producer import Producer
 from shared.limits import MAX_CUSTOM_ID_CHARS
 from shared.models import Batch, BatchState, Request
 from shared.redis_layout import buffer_name
+from shared.schemas import DEFAULT_PROVIDER
 from worker import packing
 from worker.context import WorkerContext
 from worker.packing import pack_buffer, pack_due_buffers
@@ -42,7 +43,7 @@ def test_nothing_is_packed_before_a_threshold_is_reached(worker_context: WorkerC
     ctx = with_settings(worker_context, max_batch_requests=10, max_wait_seconds=60)
     submit(ctx, 9)
     assert pack_due_buffers(ctx) == []
-    assert ctx.redis.zcard(ctx.keys.pending(buffer_name("local", "m-a"))) == 9
+    assert ctx.redis.zcard(ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a"))) == 9
 
 
 def test_count_threshold_packs_full_batches_and_leaves_the_rest(
@@ -57,12 +58,14 @@ def test_count_threshold_packs_full_batches_and_leaves_the_rest(
 
     # Then two full batches are packed, oldest requests first, and 5 stay pending
     assert [(b.request_count, b.reason) for b in packed] == [(10, "count"), (10, "count")]
-    assert ctx.redis.zcard(ctx.keys.pending(buffer_name("local", "m-a"))) == 5
+    assert ctx.redis.zcard(ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a"))) == 5
     lines = read_lines(packed[0].path) + read_lines(packed[1].path)
     assert sorted(line["custom_id"] for line in lines) == sorted(ids[:20])  # type: ignore[type-var]
     # and the buffer's byte count is exactly what the 5 remaining lines will take
     line_size = (packed[0].bytes + packed[1].bytes) // 20
-    assert int(ctx.redis.hget(ctx.keys.buffers, "local:m-a")) == 5 * line_size  # type: ignore[arg-type]
+    assert (
+        int(ctx.redis.hget(ctx.keys.buffers, buffer_name(DEFAULT_PROVIDER, "m-a"))) == 5 * line_size
+    )  # type: ignore[arg-type]
 
 
 def test_batch_file_is_together_jsonl_with_short_unique_custom_ids(
@@ -94,6 +97,21 @@ def test_bytes_threshold_cuts_batches_under_the_byte_limit(
     assert len(packed) >= 2
     assert all(b.bytes <= 2048 for b in packed)
     assert {b.reason for b in packed} == {"bytes"}
+
+
+def test_metadata_counts_toward_the_batch_byte_limit(worker_context: WorkerContext) -> None:
+    # Given batches of at most 2,048 bytes and requests whose metadata outweighs their line
+    ctx = with_settings(worker_context, max_batch_requests=1000, max_batch_bytes=2048)
+    ids = submit(ctx, 12, metadata={"pad": "x" * 400})
+    size = int(ctx.redis.hget(ctx.keys.request(ids[0]), "size"))  # type: ignore[arg-type]
+
+    # When the aggregator runs
+    packed = pack_due_buffers(ctx)
+
+    # Then batches are cut by line plus metadata bytes, and record their file's exact length
+    assert packed and {b.reason for b in packed} == {"bytes"}
+    assert all(b.request_count * size <= 2048 for b in packed)
+    assert all(b.bytes == b.path.stat().st_size < b.request_count * size for b in packed)
 
 
 def test_age_threshold_flushes_a_small_buffer(worker_context: WorkerContext) -> None:
@@ -143,8 +161,8 @@ def test_a_claim_abandoned_mid_pack_goes_back_to_the_buffer(
     with monkeypatch.context() as patch:
         patch.setattr(packing, "write_batch_file", crash)
         with pytest.raises(KeyboardInterrupt):
-            pack_buffer(ctx, buffer_name("local", "m-a"))
-    pending = ctx.keys.pending(buffer_name("local", "m-a"))
+            pack_buffer(ctx, buffer_name(DEFAULT_PROVIDER, "m-a"))
+    pending = ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a"))
     assert ctx.redis.zcard(pending) == 0 and ctx.redis.zcard(ctx.keys.claims) == 1
 
     # When the reaper runs after the claim timeout
@@ -176,11 +194,11 @@ def test_a_slow_packer_loses_to_the_reaper_without_duplicating_requests(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(packing, "request_rows", slow)
-    result = pack_buffer(ctx, buffer_name("local", "m-a"))
+    result = pack_buffer(ctx, buffer_name(DEFAULT_PROVIDER, "m-a"))
 
     # Then the packer's commit fails, its file is dropped, and the requests are pending once
     assert result is None
-    assert ctx.redis.zcard(ctx.keys.pending(buffer_name("local", "m-a"))) == 3
+    assert ctx.redis.zcard(ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a"))) == 3
     assert list((ctx.batch_dir / "local").glob("*.jsonl")) == []
 
 
@@ -192,10 +210,12 @@ def test_reaper_only_drops_leftover_keys_of_a_committed_claim(
     (batch,) = pack_due_buffers(ctx)
     # Simulate a crash between the SQL commit and dropping the claim keys.
     ctx.redis.zadd(ctx.keys.claims, {batch.id: 0})
-    ctx.redis.hset(ctx.keys.claim(batch.id), mapping={"buf": "local:m-a", "count": 2})
+    ctx.redis.hset(
+        ctx.keys.claim(batch.id), mapping={"buf": buffer_name(DEFAULT_PROVIDER, "m-a"), "count": 2}
+    )
     assert reap_abandoned_claims(ctx) == 0
     assert ctx.redis.zcard(ctx.keys.claims) == 0
-    assert ctx.redis.zcard(ctx.keys.pending(buffer_name("local", "m-a"))) == 0
+    assert ctx.redis.zcard(ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a"))) == 0
     with ctx.session() as session:
         assert session.get(Batch, batch.id).state == BatchState.PACKED  # type: ignore[union-attr]
 
@@ -209,7 +229,7 @@ def test_a_reap_that_died_after_its_tombstone_is_finished_by_the_next(
     with monkeypatch.context() as patch:
         patch.setattr(packing, "write_batch_file", _crash)
         with pytest.raises(KeyboardInterrupt):
-            pack_buffer(ctx, buffer_name("local", "m-a"))
+            pack_buffer(ctx, buffer_name(DEFAULT_PROVIDER, "m-a"))
     time.sleep(0.06)
     original = ctx.scripts.run
 
@@ -227,7 +247,7 @@ def test_a_reap_that_died_after_its_tombstone_is_finished_by_the_next(
     assert reap_abandoned_claims(ctx) == 4
 
     # Then the requests are pending again rather than stranded
-    pending = ctx.redis.zrange(ctx.keys.pending(buffer_name("local", "m-a")), 0, -1)
+    pending = ctx.redis.zrange(ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a")), 0, -1)
     assert sorted(p.decode() for p in pending) == sorted(ids)
 
 

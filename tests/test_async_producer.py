@@ -9,6 +9,7 @@ from redis import Redis
 
 from producer import AsyncProducer, InvalidRequest, PartialSubmitError, Producer
 from shared.redis_layout import Keys, buffer_name
+from shared.schemas import DEFAULT_PROVIDER
 from shared.settings import Settings
 
 MESSAGES = [{"role": "user", "content": "Positive or negative: 'lovely'"}]
@@ -20,7 +21,7 @@ def test_async_submit_is_idempotent_validates_and_cancels(
     async def scenario() -> tuple[str, str, list[str], str]:
         async with AsyncProducer(settings=settings) as producer:
             first = await producer.submit("m-a", MESSAGES, idempotency_key="k1", max_tokens=3)
-            again = await producer.submit("m-a", MESSAGES, idempotency_key="k1")
+            again = await producer.submit("m-a", MESSAGES, idempotency_key="k1", max_tokens=3)
             many = await producer.submit_many(
                 [{"model": "m-a", "messages": MESSAGES, "callback_queue": "svc"}] * 3
             )
@@ -35,7 +36,7 @@ def test_async_submit_is_idempotent_validates_and_cancels(
     first, again, many, status = asyncio.run(scenario())
     assert first == again
     assert status == "pending"
-    pending = redis_client.zrange(Keys().pending(buffer_name("local", "m-a")), 0, -1)
+    pending = redis_client.zrange(Keys().pending(buffer_name(DEFAULT_PROVIDER, "m-a")), 0, -1)
     assert [p.decode() for p in pending] == [first, many[1], many[2]]
     # the sync producer sees the same requests
     assert Producer(settings=settings).state(many[0]) == "cancelled"
@@ -74,6 +75,6 @@ def test_a_refused_chunk_reports_which_requests_were_stored(
     # Then the handles say exactly which requests are in the buffer
     stored = {h.id for h in err.handles if h is not None}
     assert 0 < len(stored) < 3000
-    pending = redis_client.zrange(Keys().pending(buffer_name("local", "m-a")), 0, -1)
+    pending = redis_client.zrange(Keys().pending(buffer_name(DEFAULT_PROVIDER, "m-a")), 0, -1)
     assert stored <= {p.decode() for p in pending}
     assert len(pending) == len(stored) + 1

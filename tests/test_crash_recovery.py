@@ -9,8 +9,15 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from producer import CallbackQueue, Producer
+from shared.redis_layout import text
 from tests.conftest import WorkerFactory, make_settings
+from worker import packing
+from worker.context import WorkerContext
+from worker.packing import pack_buffer
+from worker.reaper import reap_abandoned_claims
 
 CHAOS = {
     "max_batch_requests": 300,
@@ -74,3 +81,81 @@ def test_killing_the_worker_mid_pipeline_loses_and_duplicates_nothing(
     assert set(deliveries.values()) == {1}
     queue.close()
     producer.close()
+
+
+def test_one_claim_the_reaper_cannot_take_back_does_not_keep_the_others_out(
+    worker_context: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given two abandoned claims (packers killed before committing), the older of which the
+    # database refuses to record a tombstone for
+    ctx = worker_context
+    ctx.settings = ctx.settings.model_copy(update={"claim_timeout_seconds": 0.05})
+    producer = Producer(settings=ctx.settings, client=ctx.redis)
+    messages = [{"role": "user", "content": "hi"}]
+    ids = {
+        model: {h.id for h in producer.submit_many([{"model": model, "messages": messages}] * 3)}
+        for model in ("m-old", "m-new")
+    }
+    bufs = {text(b).rpartition(":")[2]: text(b) for b in ctx.redis.hkeys(ctx.keys.buffers)}
+
+    def killed(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt("packer killed")
+
+    monkeypatch.setattr(packing, "write_batch_file", killed)
+    for model in ("m-old", "m-new"):
+        with pytest.raises(KeyboardInterrupt):
+            pack_buffer(ctx, bufs[model], force=True)
+        time.sleep(0.002)  # claims are ordered by their time
+    old_claim, new_claim = (text(m) for m in ctx.redis.zrange(ctx.keys.claims, 0, -1))
+    refuse_tombstone(ctx, old_claim)
+    time.sleep(0.1)
+
+    # When the reaper runs
+    returned = reap_abandoned_claims(ctx)
+
+    # Then the other claim's requests are back in their buffer, and the failing claim is
+    # kept (not released with its requests stranded) for the next pass
+    assert returned == 3
+    assert pending(ctx, bufs["m-new"]) == ids["m-new"]
+    assert pending(ctx, bufs["m-old"]) == set()
+    assert [text(m) for m in ctx.redis.zrange(ctx.keys.claims, 0, -1)] == [old_claim]
+    assert ctx.redis.llen(ctx.keys.claim_ids(old_claim)) == 3
+    assert not ctx.redis.exists(ctx.keys.claim(new_claim))
+
+    # And once the database accepts it again, the next pass returns it too
+    allow_tombstones(ctx)
+    assert reap_abandoned_claims(ctx) == 3
+    assert pending(ctx, bufs["m-old"]) == ids["m-old"]
+    assert ctx.redis.zcard(ctx.keys.claims) == 0
+
+
+def pending(ctx: WorkerContext, buf: str) -> set[str]:
+    return {text(m) for m in ctx.redis.zrange(ctx.keys.pending(buf), 0, -1)}
+
+
+def refuse_tombstone(ctx: WorkerContext, batch_id: str) -> None:
+    """Make the database reject an insert of this one batch row (a real database error)."""
+    with ctx.engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_batch BEFORE INSERT ON batches "
+                f"WHEN NEW.id = '{batch_id}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION refuse_batch() RETURNS trigger AS $$ BEGIN "
+                f"IF NEW.id = '{batch_id}' THEN RAISE EXCEPTION 'refused'; END IF; "
+                "RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_batch BEFORE INSERT ON batches "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_batch()"
+            )
+
+
+def allow_tombstones(ctx: WorkerContext) -> None:
+    with ctx.engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP TRIGGER refuse_batch")
+        else:
+            conn.exec_driver_sql("DROP TRIGGER refuse_batch ON batches")

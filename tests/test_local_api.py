@@ -25,7 +25,10 @@ from together.types import BatchJob as SdkBatchJob
 
 from shared.local_api import Faults, create_app
 from shared.providers.base import ProviderError
-from shared.providers.local import EchoEngine, LocalProvider, LocalStore, run_job
+from shared.providers.local import CallFaults, EchoEngine, LocalProvider, LocalStore, run_job
+from shared.providers.registry import build_provider
+from shared.providers.together import TogetherProvider
+from shared.settings import Settings
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct-Turbo"
 API_KEY = "test-key-0123456789"
@@ -607,17 +610,108 @@ def test_faults_are_read_from_the_environment_and_checked() -> None:
         "BATCHBRIDGE_LOCAL_LINE_ERROR_RATE": "1",
         "BATCHBRIDGE_LOCAL_EXPIRE_AFTER": "2.5",
         "BATCHBRIDGE_LOCAL_LINE_DELAY": "0.01",
+        "BATCHBRIDGE_LOCAL_LOST_ANSWER_RATE": "0.5",
+        "BATCHBRIDGE_LOCAL_ANSWER_DELAY": "1.5",
+        "BATCHBRIDGE_LOCAL_NOT_FOUND_WINDOW": " 10:2.5 ",
     }
-    assert Faults.from_env(env) == Faults(0.25, 1.0, 2.5, 0.01)
+    assert Faults.from_env(env) == Faults(
+        0.25,
+        1.0,
+        2.5,
+        0.01,
+        lost_answer_rate=0.5,
+        answer_delay=1.5,
+        not_found_window=(10.0, 2.5),
+    )
     assert Faults.from_env({}) == Faults()
+    assert not Faults().enabled
     for name, value in [
         ("BATCHBRIDGE_LOCAL_FAIL_RATE", "1.5"),
         ("BATCHBRIDGE_LOCAL_LINE_ERROR_RATE", "lots"),
         ("BATCHBRIDGE_LOCAL_EXPIRE_AFTER", "-1"),
         ("BATCHBRIDGE_LOCAL_LINE_DELAY", "nan"),
+        ("BATCHBRIDGE_LOCAL_LOST_ANSWER_RATE", "-0.1"),
+        ("BATCHBRIDGE_LOCAL_ANSWER_DELAY", "inf"),
+        ("BATCHBRIDGE_LOCAL_NOT_FOUND_WINDOW", "10"),
+        ("BATCHBRIDGE_LOCAL_NOT_FOUND_WINDOW", "-1:5"),
+        ("BATCHBRIDGE_LOCAL_NOT_FOUND_WINDOW", "1:0"),
+        ("BATCHBRIDGE_LOCAL_NOT_FOUND_WINDOW", "a:b"),
     ]:
         with pytest.raises(ValueError, match=name):
             Faults.from_env({name: value})
+    # And each new knob alone counts as fault injection being on
+    for knob in (
+        Faults(lost_answer_rate=0.1),
+        Faults(answer_delay=0.1),
+        Faults(not_found_window=(0.0, 1.0)),
+    ):
+        assert knob.enabled, knob
+
+
+def test_the_not_found_window_opens_and_closes_on_the_clock_of_the_start() -> None:
+    # Given fault draws whose not_found_window is 10 s long, starting 5 s after they start
+    now = [100.0]
+    call_faults = CallFaults(Faults(not_found_window=(5.0, 10.0)), clock=lambda: now[0])
+
+    # When time passes, then batches are hidden from 5 s (included) to 15 s (excluded) only
+    seen: dict[float, bool] = {}
+    for elapsed in (0.0, 4.99, 5.0, 14.99, 15.0, 60.0):
+        now[0] = 100.0 + elapsed
+        seen[elapsed] = call_faults.hides_batches()
+    assert seen == {0.0: False, 4.99: False, 5.0: True, 14.99: True, 15.0: False, 60.0: False}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--lost-answer-rate", "2"], {}, "lost_answer_rate"),
+        (["--answer-delay", "-1"], {}, "answer_delay"),
+        (["--not-found-window", "5"], {}, "--not-found-window"),
+        ([], {"BATCHBRIDGE_LOCAL_NOT_FOUND_WINDOW": "5:-1"}, "BATCHBRIDGE_LOCAL_NOT_FOUND_WINDOW"),
+        ([], {"BATCHBRIDGE_LOCAL_ANSWER_DELAY": "soon"}, "BATCHBRIDGE_LOCAL_ANSWER_DELAY"),
+        ([], {"BATCHBRIDGE_LOCAL_LOST_ANSWER_RATE": "x"}, "BATCHBRIDGE_LOCAL_LOST_ANSWER_RATE"),
+    ],
+)
+def test_local_api_refuses_a_bad_fault_option_or_variable_naming_it(
+    tmp_path: Path, args: list[str], env: dict[str, str], named: str
+) -> None:
+    # Given a bad value for one of the new fault knobs, on the command line or in the env
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    # When `batchbridge local-api` starts, then it exits 2 naming the option or variable,
+    # before serving anything
+    env = {"BATCHBRIDGE_DATA_DIR": str(tmp_path / "data"), **env}
+    result = CliRunner().invoke(app, ["local-api", "--port", "1", *args], env=env)
+    assert result.exit_code == 2, result.output
+    assert named in " ".join(result.output.split())
+    assert not (tmp_path / "data" / "local_api").exists()
+
+
+def test_a_lost_create_answer_retried_by_the_sdk_makes_a_job_per_attempt(
+    start_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    # Given a server losing the answer of every create, and an SDK client with its default
+    # retries (2), which retries a 5xx POST
+    server = start_server(faults=Faults(lost_answer_rate=1.0, seed=2))
+    statuses: list[int] = []
+    client = counting_client(server, statuses)
+    uploaded = client.files.upload(
+        file=requests_file(tmp_path, 3), purpose="batch-api", check=False
+    )
+    statuses.clear()
+
+    # When it creates a batch
+    with pytest.raises(together.InternalServerError):
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions")
+
+    # Then every attempt made a job (which is why TogetherProvider never retries a create),
+    # and every answer was lost
+    assert len(statuses) == 3
+    assert set(statuses) <= {500, 504}
+    jobs = client.batches.list()
+    assert [job.input_file_id for job in jobs] == [uploaded.id] * 3
 
 
 def test_injected_line_errors_skip_the_engine_and_the_runners_retries(tmp_path: Path) -> None:
@@ -660,3 +754,24 @@ def test_the_in_process_provider_fails_calls_at_the_fail_rate(tmp_path: Path) ->
     assert failed.value.retry_after is not None and failed.value.retry_after > 0
     assert provider.store.list_files() == []
     assert LocalProvider(provider.store, faults=Faults()).list_batches() == []
+
+
+def test_built_providers_give_up_after_the_provider_timeout_setting(
+    start_server: Callable[..., RunningServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a server and an in-process store both answering every call 1 s late, and
+    # settings giving provider calls 0.3 s (with the 60 s default, the calls would succeed)
+    server = start_server(faults=Faults(answer_delay=1.0))
+    monkeypatch.setenv("TOGETHER_API_KEY", API_KEY)
+    monkeypatch.setenv("TOGETHER_BASE_URL", server.url)
+    monkeypatch.setenv("BATCHBRIDGE_LOCAL_ANSWER_DELAY", "1.0")
+    settings = Settings.load(data_dir=tmp_path / "data", provider_timeout_seconds=0.3)
+
+    for name in ("together", "local"):
+        provider = build_provider(name, settings)
+        # When it lists batches, then it times out, retryably
+        with pytest.raises(ProviderError, match="timed out") as failed:
+            provider.list_batches()
+        assert failed.value.retryable, name
+        if isinstance(provider, TogetherProvider):
+            provider.close()

@@ -11,6 +11,7 @@ from redis import Redis
 from producer import InvalidRequest, Producer
 from shared import task_names
 from shared.redis_layout import Keys, buffer_name
+from shared.schemas import DEFAULT_PROVIDER
 from shared.settings import Settings
 from tests.conftest import make_settings
 
@@ -34,12 +35,12 @@ def test_submit_records_request_and_appends_to_its_model_buffer(
     # Given a producer, when it submits one request
     handle = producer.submit("m-a", MESSAGES, max_tokens=5, callback_queue="svc", temperature=0)
 
-    # Then the request is pending in the (local, m-a) buffer with its body stored
+    # Then the request is pending in the (default, m-a) buffer with its body stored
     assert handle.status() == "pending"
-    assert pending_ids(redis_client, "local", "m-a") == [handle.id]
-    body = redis_client.hget(Keys().bodies("local:m-a"), handle.id)
+    assert pending_ids(redis_client, DEFAULT_PROVIDER, "m-a") == [handle.id]
+    body = redis_client.hget(Keys().bodies(buffer_name(DEFAULT_PROVIDER, "m-a")), handle.id)
     assert body is not None and b'"temperature":0' in body and b'"max_tokens":5' in body
-    assert int(redis_client.hget(Keys().buffers, "local:m-a")) > len(body)
+    assert int(redis_client.hget(Keys().buffers, buffer_name(DEFAULT_PROVIDER, "m-a"))) > len(body)
 
 
 def test_same_idempotency_key_returns_same_id_and_enqueues_once(
@@ -56,7 +57,9 @@ def test_same_idempotency_key_returns_same_id_and_enqueues_once(
     )
     assert again.id == first.id == many[0].id
     assert many[1].id == many[2].id != first.id
-    assert sorted(pending_ids(redis_client, "local", "m-a")) == sorted({first.id, many[1].id})
+    assert sorted(pending_ids(redis_client, DEFAULT_PROVIDER, "m-a")) == sorted(
+        {first.id, many[1].id}
+    )
 
 
 @pytest.mark.parametrize(
@@ -109,7 +112,7 @@ def test_submit_many_spreads_over_buffers_per_provider_and_model(
     )
     assert len({h.id for h in handles}) == 2500
     for model in ("m-0", "m-1", "m-2"):
-        assert len(pending_ids(redis_client, "local", model)) in (833, 834)
+        assert len(pending_ids(redis_client, DEFAULT_PROVIDER, model)) in (833, 834)
 
 
 def test_cancel_pending_request_delivers_cancelled_result_once(
@@ -121,8 +124,8 @@ def test_cancel_pending_request_delivers_cancelled_result_once(
     assert handle.status() == "cancelled"
     result = handle.wait(timeout=1)
     assert result.status == "cancelled" and result.error is not None
-    assert pending_ids(redis_client, "local", "m-a") == []
-    assert int(redis_client.hget(Keys().buffers, "local:m-a")) == 0
+    assert pending_ids(redis_client, DEFAULT_PROVIDER, "m-a") == []
+    assert int(redis_client.hget(Keys().buffers, buffer_name(DEFAULT_PROVIDER, "m-a"))) == 0
     assert redis_client.xlen(Keys().callback("svc")) == 1
 
 

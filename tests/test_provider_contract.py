@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,6 +84,13 @@ class SdkWorkflow:
 
     def list_batches(self) -> list[ProviderBatch]:
         return [from_sdk(job) for job in self.client.batches.list()]
+
+    def file_exists(self, file_id: str) -> bool:
+        try:
+            self.client.files.retrieve(file_id)
+        except together.NotFoundError:
+            return False
+        return True
 
     def download_file(self, file_id: str, dest: Path) -> None:
         with (
@@ -204,6 +211,7 @@ class Target:
     # ("METHOD /path", status) of every response the server sent, SDK retries included
     # (always empty for ``local``).
     responses: list[tuple[str, int]] = field(default_factory=list)
+    faults: Faults = field(default_factory=Faults)
 
 
 class TargetFactory:
@@ -214,32 +222,47 @@ class TargetFactory:
         self.workdir = workdir
         self._cleanups: list[Callable[[], None]] = []
 
-    def __call__(self, faults: Faults | None = None, *, max_retries: int = 2) -> Target:
+    def __call__(
+        self, faults: Faults | None = None, *, max_retries: int = 2, timeout: float = 30.0
+    ) -> Target:
+        """A fresh target; ``timeout`` is the client's (for ``local``, LocalProvider's)."""
         faults = faults or Faults()
         root = self.workdir / f"{self.kind}-{len(self._cleanups)}"
         if self.kind == "local":
             store = LocalStore(root)
             dispatch = ThreadedDispatch(store, faults)
             self._cleanups.append(dispatch.stop)
-            local = LocalProvider(store, dispatch=dispatch, faults=faults)
-            return Target(self.kind, local, store, self.workdir)
+            local = LocalProvider(store, dispatch=dispatch, faults=faults, timeout=timeout)
+            return Target(self.kind, local, store, self.workdir, faults=faults)
         responses: list[tuple[str, int]] = []
         server = ApiServer(root, faults, responses)
         self._cleanups.append(server.stop)
-        provider = self.client(server, API_KEY, max_retries=max_retries)
-        return Target(self.kind, provider, LocalStore(root), self.workdir, server, responses)
+        provider = self.client(server, API_KEY, max_retries=max_retries, timeout=timeout)
+        store = LocalStore(root)
+        return Target(self.kind, provider, store, self.workdir, server, responses, faults)
 
-    def client(self, server: ApiServer, api_key: str, *, max_retries: int = 2) -> BatchProvider:
+    def client(
+        self, server: ApiServer, api_key: str, *, max_retries: int = 2, timeout: float = 30.0
+    ) -> BatchProvider:
         """Another client of ``server``, e.g. with a wrong key."""
         if self.kind == "together":
             provider = TogetherProvider(
-                api_key=api_key, base_url=server.url, max_retries=max_retries
+                api_key=api_key, base_url=server.url, max_retries=max_retries, timeout=timeout
             )
             self._cleanups.append(provider.close)
             return provider
-        sdk = Together(api_key=api_key, base_url=server.url, max_retries=max_retries)
+        sdk = Together(
+            api_key=api_key, base_url=server.url, max_retries=max_retries, timeout=timeout
+        )
         self._cleanups.append(sdk.close)
         return SdkWorkflow(sdk)
+
+    def patient(self, target: Target) -> BatchProvider:
+        """Another client of ``target`` whose timeout outlasts any answer_delay of the tests."""
+        if target.server is None:
+            # Same store and faults, no dispatch: it only looks at what the first one did.
+            return LocalProvider(target.store, faults=target.faults, timeout=None)
+        return self.client(target.server, API_KEY, timeout=30.0)
 
     def close(self) -> None:
         # Clients first (in reverse), so the servers see no open connections when stopping.
@@ -331,6 +354,7 @@ def results(target: Target, batch: ProviderBatch) -> tuple[list[Any], list[Any]]
 
 SDK_ERRORS: dict[int, type[together.APIStatusError]] = {
     401: together.AuthenticationError,
+    404: together.NotFoundError,
     429: together.RateLimitError,
     500: together.InternalServerError,
 }
@@ -543,6 +567,7 @@ def test_fail_rate_1_fails_every_call_retryably_and_changes_nothing(
         "get": lambda: provider.get_batch(batch_id),
         "cancel": lambda: provider.cancel_batch(batch_id),
         "list": provider.list_batches,
+        "file_exists": lambda: provider.file_exists(file_id),
         "download": lambda: provider.download_file(file_id, target.workdir / "out.jsonl"),
     }
 
@@ -647,7 +672,188 @@ def test_line_delay_shows_progress_while_in_progress(make_target: TargetFactory)
     assert (seen[-1].status, seen[-1].progress) == (ProviderBatchStatus.COMPLETED, 100.0)
 
 
-# 7: statuses
+# 7: ambiguous answers and brief outages: the call's effect and its answer part ways
+
+
+def lost_answer_status(kind: str, exc: BaseException) -> int:
+    """A create's lost answer as each target's user sees it: a retryable 5xx."""
+    if kind == "sdk":
+        # What the SDK raises for any 5xx; SDK users retry it.
+        assert isinstance(exc, together.InternalServerError), repr(exc)
+        return exc.status_code
+    assert isinstance(exc, ProviderError), repr(exc)
+    assert exc.retryable and exc.status_code is not None, repr(exc)
+    return exc.status_code
+
+
+def assert_timed_out(kind: str, exc: BaseException) -> None:
+    """A call the client gave up waiting for, as each target's user sees it."""
+    if kind == "sdk":
+        assert isinstance(exc, together.APITimeoutError), repr(exc)
+        return
+    assert isinstance(exc, ProviderError), repr(exc)
+    assert (exc.retryable, exc.status_code) == (True, None), repr(exc)
+    assert "timed out" in str(exc)
+
+
+def jobs_over(provider: BatchProvider, file_id: str) -> list[ProviderBatch]:
+    """What a worker whose create failed looks for: the jobs over its input file."""
+    return [batch for batch in provider.list_batches() if batch.input_file_id == file_id]
+
+
+def no_create_retries(kind: str) -> int:
+    # A retried create after a lost or late answer would make a second job: SDK users must
+    # turn retries off themselves, TogetherProvider does it for create (and only create).
+    return 0 if kind == "sdk" else 2
+
+
+def test_a_create_whose_answer_is_lost_made_exactly_one_job_that_completes(
+    make_target: TargetFactory,
+) -> None:
+    # Given a target losing the answer of every create, and an uploaded file
+    target = make_target(
+        Faults(lost_answer_rate=1.0, seed=5), max_retries=no_create_retries(make_target.kind)
+    )
+    inputs = requests(30)
+    file_id = target.provider.upload_file(write_jsonl(target.workdir / "in.jsonl", inputs))
+
+    # When a batch is created over it
+    with pytest.raises((ProviderError, together.APIError)) as failed:
+        target.provider.create_batch(file_id, model=MODEL)
+
+    # Then the create failed retryably, with a 5xx as a lost answer looks
+    assert lost_answer_status(target.kind, failed.value) in (500, 504)
+    # Yet exactly one job exists over that file, from one create request (no client retry)
+    jobs = jobs_over(target.provider, file_id)
+    assert len(jobs) == 1
+    creates = [call for call, _ in target.responses if call == "POST /v1/batches"]
+    assert len(creates) == (0 if target.kind == "local" else 1)
+    # And it runs to COMPLETED with every custom_id once
+    batch = finished(target, jobs[0].id)
+    assert batch.status is ProviderBatchStatus.COMPLETED
+    output, errors = results(target, batch)
+    assert (custom_ids(output), errors) == (custom_ids(inputs), [])
+
+
+def test_a_create_answered_after_the_client_timeout_still_made_its_job(
+    make_target: TargetFactory,
+) -> None:
+    # Given a target answering every call 1 s after doing it, a client giving up after
+    # 0.5 s, and a file put straight into the store (an upload would time out too)
+    target = make_target(
+        Faults(answer_delay=1.0), max_retries=no_create_retries(make_target.kind), timeout=0.5
+    )
+    inputs = requests(20)
+    file_id = target.store.add_file_from_path(write_jsonl(target.workdir / "in.jsonl", inputs)).id
+
+    # When a batch is created over it
+    started = time.monotonic()
+    with pytest.raises((ProviderError, together.APIError)) as failed:
+        target.provider.create_batch(file_id, model=MODEL)
+
+    # Then the create timed out, retryably, after the client's timeout
+    assert_timed_out(target.kind, failed.value)
+    assert time.monotonic() - started >= 0.5
+    # Yet a patient client finds exactly one job over the file
+    patient = replace(target, provider=make_target.patient(target))
+    jobs = jobs_over(patient.provider, file_id)
+    assert len(jobs) == 1
+    # And it completes with every custom_id once
+    batch = finished(patient, jobs[0].id)
+    assert batch.status is ProviderBatchStatus.COMPLETED
+    output, errors = results(patient, batch)
+    assert (custom_ids(output), errors) == (custom_ids(inputs), [])
+    assert len(target.store.list_jobs()) == 1
+
+
+def test_an_answer_late_but_within_the_client_timeout_just_arrives_late(
+    make_target: TargetFactory,
+) -> None:
+    # Given a target answering every call 0.3 s after doing it, and a client waiting 5 s
+    target = make_target(Faults(answer_delay=0.3), timeout=5.0)
+    inputs = requests(20)
+    file_id = target.provider.upload_file(write_jsonl(target.workdir / "in.jsonl", inputs))
+
+    # When a batch is created
+    started = time.monotonic()
+    created = target.provider.create_batch(file_id, model=MODEL)
+    waited = time.monotonic() - started
+
+    # Then the create succeeded, late
+    assert waited >= 0.3
+    assert created.input_file_id == file_id
+    # And the batch completes with every custom_id once, the only job there is
+    batch = finished(target, created.id)
+    assert batch.status is ProviderBatchStatus.COMPLETED
+    output, errors = results(target, batch)
+    assert (custom_ids(output), errors) == (custom_ids(inputs), [])
+    assert [job.id for job in target.store.list_jobs()] == [created.id]
+
+
+def test_a_batch_the_provider_briefly_cannot_find_is_still_listed_and_comes_back(
+    make_target: TargetFactory,
+) -> None:
+    # Given a target whose batch retrieves answer 404 for its first 3 s (a brief outage),
+    # and a batch created within them
+    window = 3.0
+    started = time.monotonic()  # the target starts later: its clock lags this one
+    target = make_target(Faults(not_found_window=(0.0, window)))
+    inputs = requests(20)
+    file_id = target.provider.upload_file(write_jsonl(target.workdir / "in.jsonl", inputs))
+    batch_id = target.provider.create_batch(file_id, model=MODEL).id
+
+    # When the batch is retrieved inside the window
+    outcome = refused(target, lambda: target.provider.get_batch(batch_id))
+    assert time.monotonic() - started < window, "too slow to have asked inside the window"
+
+    # Then the answer is a permanent 404, as for a job the provider does not know
+    assert outcome == (False, 404)
+    # Yet it is still listed over its input file, keeps running to the end, and the
+    # provider still has that file
+    deadline = started + window
+    listed = jobs_over(target.provider, file_id)
+    while not listed[0].status.is_terminal and time.monotonic() < deadline:
+        time.sleep(0.05)
+        listed = jobs_over(target.provider, file_id)
+    assert [(job.id, job.status) for job in listed] == [(batch_id, ProviderBatchStatus.COMPLETED)]
+    assert time.monotonic() - started < window, "the job did not finish inside the window"
+    assert target.provider.file_exists(file_id)
+    # And retrieve works again once the window has passed, and only then
+    while True:
+        try:
+            batch = target.provider.get_batch(batch_id)
+            break
+        except (ProviderError, together.APIError) as exc:
+            assert refusal(target.kind, exc) == (False, 404)
+            assert time.monotonic() < deadline + 10, "retrieve never came back"
+            time.sleep(0.05)
+    assert time.monotonic() - started >= window
+    assert batch.status is ProviderBatchStatus.COMPLETED
+    output, errors = results(target, batch)
+    assert (custom_ids(output), errors) == (custom_ids(inputs), [])
+
+
+# 8: files
+
+
+def test_file_exists_is_true_for_a_stored_file_and_false_once_it_is_gone(
+    make_target: TargetFactory,
+) -> None:
+    # Given an uploaded file
+    target = make_target()
+    file_id = target.provider.upload_file(write_jsonl(target.workdir / "in.jsonl", requests(5)))
+
+    # When its existence is checked, then it is there
+    assert target.provider.file_exists(file_id) is True
+    # And an id never issued, or malformed, is not (a False, not an error)
+    assert target.provider.file_exists("file-5b5dc7a5-b96d-4d30-945d-6a98c53db070") is False
+    assert target.provider.file_exists("not-a-file-id") is False
+    # And once the provider has deleted the file, it is not there any more
+    target.store.delete_file(file_id)
+    assert target.provider.file_exists(file_id) is False
+
+
+# 9: statuses
 
 
 @pytest.mark.parametrize(

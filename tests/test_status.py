@@ -34,3 +34,24 @@ def test_status_shows_pending_buffers_and_a_batch_the_provider_keeps_refusing(
     assert report["batches"] == [{"provider": "local", "state": "packed", "count": 1}]
     (stuck,) = report["batches_with_errors"]
     assert stuck["batch"] == packed.id and "retryable error" in stuck["error"]
+
+
+def test_status_counts_held_batches_and_marks_them(
+    worker_context: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch for a provider this deployment has no key for (nothing can be sent)
+    ctx = worker_context
+    ctx.settings = ctx.settings.model_copy(update={"max_batch_requests": 2})
+    producer = Producer(settings=ctx.settings, client=ctx.redis)
+    producer.submit_many([{"model": "m-t", "messages": MESSAGES, "provider": "together"}] * 2)
+    (packed,) = pack_due_buffers(ctx)
+
+    # When the submitter tries it and the status is read
+    assert submit_ready_batches(ctx) == []
+    report = collect_status(ctx.settings)
+
+    # Then the batch is counted as held, with the reason, and its requests are kept
+    assert report["held_batches"] == 1
+    (held,) = report["batches_with_errors"]
+    assert held["batch"] == packed.id and held["held_since"] is not None
+    assert "on hold" in held["error"] and "TOGETHER_API_KEY" in held["error"]

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 from sqlmodel import Session, select
+from typer.testing import CliRunner
 
 from producer import CallbackQueue, Producer, Result
 from shared.db import make_engine
 from shared.models import Batch, BatchState
 from shared.settings import Settings
 from tests.conftest import LocalApiFactory, WorkerFactory, make_settings
+from worker.cli import app as cli
 
 FAST = {
     "max_batch_requests": 200,
@@ -117,23 +119,42 @@ def test_requests_flow_through_together_adapter_over_http(
         assert any(b.outcome == "expired" and b.requeued_count for b in found)
 
 
-def test_wrong_api_key_is_a_permanent_failure_recorded_on_the_batch(
+def test_a_wrong_api_key_holds_the_requests_until_the_operator_gives_up(
     redis_url: str,
     tmp_path: Path,
     start_local_api: LocalApiFactory,
     start_worker: WorkerFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Given a worker whose Together key the API refuses (401)
     api = start_local_api()
     settings = make_settings(redis_url, tmp_path / "worker", **FAST)
     start_worker(settings, TOGETHER_BASE_URL=api.url, TOGETHER_API_KEY="wrong-key")
+
+    # When requests arrive (two models, so two batches), then their batches are held: nothing
+    # ran, so nothing is failed
     ids = push(settings, 10)
-    results, _ = drain(settings, len(ids), timeout=60)
-    assert set(results) == set(ids)
+    deadline = time.monotonic() + 60
+    while len([b for b in batches(settings) if b.held_since]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    held = batches(settings)
+    assert sum(b.request_count for b in held) == len(ids)
+    for batch in held:
+        assert batch.state == BatchState.PACKED and batch.provider_batch_id is None
+        assert batch.error is not None and "on hold" in batch.error and "401" in batch.error
+    results, _ = drain(settings, len(ids), timeout=2)
+    assert results == {}
+
+    # And when the operator gives up on them, every request fails once, saying so
+    for name, value in settings.model_dump(exclude_none=True).items():
+        monkeypatch.setenv(f"BATCHBRIDGE_{name.upper()}", str(value))
+    monkeypatch.setenv("BATCHBRIDGE_DATABASE_URL", settings.sqlalchemy_url)
+    for batch in held:
+        outcome = CliRunner().invoke(cli, ["batches", "fail", batch.id])
+        assert outcome.exit_code == 0, outcome.output
+    results, deliveries = drain(settings, len(ids), timeout=60)
+    assert set(results) == set(ids) and deliveries == len(ids)
     assert {r.status for r in results.values()} == {"failed"}
-    assert {r.error.code for r in results.values() if r.error} == {"batch_failed"}
-    found = batches(settings)
-    assert found and sum(b.request_count for b in found) == len(ids)
-    for batch in found:
-        assert batch.state == BatchState.FINISHED and batch.provider_batch_id is None
-        assert batch.error is not None and "permanent error" in batch.error
-        assert "401" in batch.error
+    for result in results.values():
+        assert result.error is not None and result.error.code == "batch_failed"
+        assert "operator" in result.error.message and "401" in result.error.message

@@ -13,6 +13,7 @@ from celery import Celery
 from shared import task_names
 from shared.embedded_redis import resolve_redis_url
 from shared.settings import Settings
+from worker.broker import TRANSPORT_PATH
 
 
 class UnsafeCeleryConfig(RuntimeError):
@@ -25,6 +26,8 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
     transport = {"visibility_timeout": vt}
     return {
         "broker_url": broker_url,
+        # kombu's Redis transport, patched so a Redis restart does not kill the worker.
+        "broker_transport": TRANSPORT_PATH,
         "broker_transport_options": dict(transport),
         "result_backend_transport_options": dict(transport),
         "visibility_timeout": vt,
@@ -60,6 +63,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "poll": entry(task_names.POLL, poll_tick),
         "collect": entry(task_names.COLLECT, max(poll_tick, 2.0)),
         "reap": entry(task_names.REAP, settings.reap_interval_seconds),
+        "reconcile": entry(task_names.RECONCILE, settings.reap_interval_seconds),
         "local-sweep": entry(task_names.LOCAL_SWEEP, 30.0),
     }
 

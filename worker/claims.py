@@ -36,8 +36,8 @@ def abandon_claim(ctx: WorkerContext, batch_id: str) -> int:
         provider=provider,
         model=model,
         state=BatchState.ABANDONED.value,
-        request_count=int(claim.get(b"count", 0)),
-        bytes=int(claim.get(b"bytes", 0)),
+        request_count=_count(claim.get(b"count")),
+        bytes=_count(claim.get(b"bytes")),
     )
     try:
         with ctx.session() as session:
@@ -46,7 +46,11 @@ def abandon_claim(ctx: WorkerContext, batch_id: str) -> int:
     except IntegrityError:
         with ctx.session() as session:
             existing = session.get(Batch, batch_id)
-        if existing is None or existing.state != BatchState.ABANDONED:
+        if existing is None:
+            # Not a primary-key clash (a constraint or trigger refused the row): releasing
+            # now would strand the claim's requests, so leave the claim for the next pass.
+            raise
+        if existing.state != BatchState.ABANDONED:
             release_claim(ctx, batch_id)  # the packer committed; only its cleanup was lost
             return 0
         # Our own tombstone from an abandon that died before unclaiming: finish it.
@@ -57,3 +61,12 @@ def abandon_claim(ctx: WorkerContext, batch_id: str) -> int:
     )
     log.warning("abandoned claim %s: %d requests back to %s", batch_id, returned, buf)
     return int(returned)
+
+
+def _count(raw: bytes | None) -> int:
+    # The tombstone's counts only describe the claim: a damaged one must not keep its requests
+    # from going back.
+    try:
+        return int(raw or 0)
+    except ValueError:
+        return 0

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
@@ -21,7 +20,7 @@ from shared.embedded_redis import (
     embedded_redis_dir,
 )
 from shared.settings import Settings, SettingsError
-from worker.processes import WorkerProcess
+from worker.processes import GaveUp, Supervised, Supervisor, WorkerProcess
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -41,14 +40,29 @@ def load_settings() -> Settings:
 @contextlib.contextmanager
 def redis_for(settings: Settings, *, persistent: bool = True) -> Iterator[str]:
     """The configured Redis URL, or a private embedded Redis for the duration of the block."""
-    if settings.redis_url:
-        yield settings.redis_url
-        return
-    server = EmbeddedRedis(embedded_redis_dir(settings), persistent=persistent)
-    url = server.start()
-    err_console.print(f"started embedded Redis at {url} (data in {server.directory})")
-    try:
+    with _redis_server(settings, persistent=persistent) as (url, _server):
         yield url
+
+
+@contextlib.contextmanager
+def _redis_server(
+    settings: Settings, *, persistent: bool = True
+) -> Iterator[tuple[str, EmbeddedRedis | None]]:
+    if settings.redis_url:
+        yield settings.redis_url, None
+        return
+    server = EmbeddedRedis(
+        embedded_redis_dir(settings),
+        persistent=persistent,
+        appendfsync=settings.redis_appendfsync,
+    )
+    url = server.start()
+    err_console.print(
+        f"started embedded Redis at {url} (data in {server.directory}, "
+        f"appendfsync {settings.redis_appendfsync})"
+    )
+    try:
+        yield url, server
     finally:
         server.stop()
 
@@ -57,25 +71,89 @@ def redis_for(settings: Settings, *, persistent: bool = True) -> Iterator[str]:
 def up(
     concurrency: Annotated[int | None, typer.Option(help="worker processes")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+    max_restarts: Annotated[
+        int, typer.Option(help="give up on a child that dies this many times ...")
+    ] = 5,
+    restart_window: Annotated[float, typer.Option(help="... within this many seconds")] = 60.0,
 ) -> None:
-    """Run Redis (embedded when BATCHBRIDGE_REDIS_URL is unset), a worker and its beat."""
+    """Run Redis (embedded when BATCHBRIDGE_REDIS_URL is unset), a worker and its beat.
+
+    A child that dies is restarted (with backoff); one that keeps dying makes ``up`` exit 1
+    saying which. Redis or a database that cannot be reached at start-up: exit 2.
+    """
     settings = load_settings()
     err_console.print(f"provider: {settings.default_provider}")
-    with redis_for(settings) as url:
-        worker = WorkerProcess(
-            child_environment(settings, url),
-            concurrency=concurrency or settings.worker_concurrency,
-            loglevel=loglevel,
-            schedule_path=settings.data_dir / "celerybeat-schedule",
-        ).start()
-        stop = _stop_on_signals()
-        try:
-            while worker.alive() and not stop():
-                time.sleep(0.2)
-        finally:
-            err_console.print("stopping worker ...")
-            worker.stop()
+    try:
+        with _redis_server(settings) as (url, server):
+            _preflight(settings, url)
+            worker = WorkerProcess(
+                child_environment(settings, url),
+                concurrency=concurrency or settings.worker_concurrency,
+                loglevel=loglevel,
+                schedule_path=settings.data_dir / "celerybeat-schedule",
+            )
+            children = [_supervised_worker(worker)]
+            if server is not None:
+                children.insert(0, _supervised_redis(server))
+            worker.start()
+            stop = _stop_on_signals()
+            try:
+                Supervisor(
+                    children,
+                    max_deaths=max_restarts,
+                    window=restart_window,
+                    say=lambda message: err_console.print(f"[yellow]{message}[/yellow]"),
+                ).watch(stop)
+            finally:
+                err_console.print("stopping worker ...")
+                worker.stop()
+    except GaveUp as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
     err_console.print("stopped")
+
+
+def _preflight(settings: Settings, redis_url: str) -> None:
+    """Exit 2, saying why, when Redis or the database cannot be reached at all."""
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    from shared.db import make_engine
+
+    client = Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except RedisError as exc:
+        err_console.print(f"[red]error:[/red] cannot reach Redis at {redis_url}: {exc}")
+        raise typer.Exit(2) from None
+    finally:
+        client.close()
+    try:
+        make_engine(settings).dispose()
+    except Exception as exc:  # any driver's error: say it and stop
+        err_console.print(f"[red]error:[/red] cannot use the database: {exc}")
+        raise typer.Exit(2) from None
+
+
+def _supervised_worker(worker: WorkerProcess) -> Supervised:
+    def restart() -> None:
+        worker.stop()  # leaves none of the dead worker's pool or beat behind
+        worker.start()
+
+    def exit_code() -> int | None:
+        return worker.process.poll() if worker.process is not None else None
+
+    return Supervised("the worker", restart, worker.alive, exit_code)
+
+
+def _supervised_redis(server: EmbeddedRedis) -> Supervised:
+    def restart() -> None:
+        server.kill()  # reap the dead process; the same port and files come back
+        server.start()
+
+    return Supervised(
+        f"the embedded Redis (port {server.port})", restart, server.alive, server.exit_code
+    )
 
 
 def _stop_on_signals() -> Callable[[], bool]:
@@ -174,12 +252,27 @@ def local_api(
         float | None, typer.Option(help="running batches turn EXPIRED after this many seconds")
     ] = None,
     line_delay: Annotated[float | None, typer.Option(help="seconds of work per line")] = None,
+    lost_answer_rate: Annotated[
+        float | None,
+        typer.Option(help="fraction of batch creates that happen but are answered 500/504"),
+    ] = None,
+    answer_delay: Annotated[
+        float | None,
+        typer.Option(help="seconds every API answer is held back after the call took effect"),
+    ] = None,
+    not_found_window: Annotated[
+        str | None,
+        typer.Option(
+            metavar="START:DURATION",
+            help="seconds after start during which batch retrieves answer 404",
+        ),
+    ] = None,
 ) -> None:
     """Serve a Together-compatible Batch API backed by the local provider (no Redis needed)."""
     import dataclasses
 
     from shared.local_api.server import serve
-    from shared.providers.local.faults import Faults
+    from shared.providers.local.faults import Faults, parse_window
 
     settings = load_settings()
     try:
@@ -189,6 +282,11 @@ def local_api(
             "line_error_rate": line_error_rate,
             "expire_after": expire_after,
             "line_delay": line_delay,
+            "lost_answer_rate": lost_answer_rate,
+            "answer_delay": answer_delay,
+            "not_found_window": None
+            if not_found_window is None
+            else parse_window(not_found_window, "--not-found-window"),
         }
         faults = dataclasses.replace(faults, **{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:
@@ -196,6 +294,99 @@ def local_api(
         raise typer.Exit(2) from None
     root = settings.data_dir / "local_api"
     serve(host, port, root, api_key=api_key, faults=faults, concurrency=concurrency)
+
+
+callbacks_app = typer.Typer(no_args_is_help=True, help="Look into callback queues.")
+app.add_typer(callbacks_app, name="callbacks")
+
+
+@callbacks_app.command("dead")
+def callbacks_dead(
+    queue: Annotated[str, typer.Argument(help="callback queue name")],
+    limit: Annotated[int, typer.Option(min=1, help="show at most this many, oldest first")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Results of QUEUE moved to its dead-letter stream after too many unacked deliveries."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from producer.callback_queue import CallbackQueue
+
+    settings = load_settings()
+    try:
+        callbacks = CallbackQueue(queue, settings=settings)
+        try:
+            total, letters = callbacks.dead_count(), callbacks.dead_letters(limit)
+        finally:
+            callbacks.close()
+    except (RedisUnavailable, RedisConnectionError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        entries = [
+            {
+                "id": d.delivery_id,
+                "request_id": d.request_id,
+                "deliveries": d.deliveries,
+                "moved_at": d.moved_at.isoformat(),
+                "status": d.status,
+                "reason": d.reason,
+                "dead_id": d.dead_id,
+                "result": d.result_value(),
+            }
+            for d in letters
+        ]
+        report = {"queue": queue, "total": total, "dead": entries}
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if total == 0:
+        console.print(f"no dead-lettered results in queue {queue!r}")
+        return
+    # Plain aligned columns, never wrapped, so ids stay whole and the output greps well.
+    rows = [("id", "request id", "deliveries", "moved at (UTC)", "status")]
+    for d in letters:
+        moved = d.moved_at.strftime("%Y-%m-%d %H:%M:%S")
+        rows.append((d.delivery_id, d.request_id, str(d.deliveries), moved, d.status or "?"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    shown = f"the oldest {len(letters)} of {total}" if total > len(letters) else f"all {total}"
+    lines = [f"dead-lettered results in queue {queue!r}: {shown}"]
+    lines += [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+batches_app = typer.Typer(no_args_is_help=True, help="Look after batches by hand.")
+app.add_typer(batches_app, name="batches")
+
+
+@batches_app.command("fail")
+def batches_fail(
+    batch_id: Annotated[str, typer.Argument(help="the batch to give up on")],
+    force: Annotated[
+        bool, typer.Option(help="fail it even though a create may have reached the provider")
+    ] = False,
+) -> None:
+    """Fail a batch that was never submitted (e.g. held); its requests get failed results."""
+    from worker.context import WorkerContext
+    from worker.lifecycle import NotFailable, fail_unsent_batch
+
+    settings = load_settings()
+    try:
+        ctx = WorkerContext.create(settings)
+    except RedisUnavailable as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    try:
+        batch = fail_unsent_batch(ctx, batch_id, force=force)
+    except NotFailable as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    finally:
+        ctx.close()
+    console.print(
+        f"batch {batch.id} failed: its {batch.request_count} requests get failed results "
+        "at the next collect"
+    )
 
 
 def main() -> None:

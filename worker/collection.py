@@ -4,19 +4,24 @@ Lines are matched to requests by ``custom_id`` (our request id), never by positi
 step is safe to repeat: ``finish.lua`` skips requests that already have an outcome or have
 moved on to another batch, ``requeue.lua`` skips requests already requeued, and the SQL
 updates are conditional on the request still belonging to this batch.
+
+One bad line or request never costs the others: unreadable lines are counted on the batch
+(``worker.result_lines``), a result that cannot be encoded fails only its request, and when a
+request has several lines a success wins over an error whatever their order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+import uuid
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import orjson
-from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, or_
 from sqlmodel import select
 
@@ -24,48 +29,29 @@ from shared.db import finish_requests, transition, update_batch
 from shared.models import Batch, BatchState, Request, RequestState, utcnow
 from shared.providers.base import ProviderError
 from shared.schemas import ErrorInfo, Result
+from worker.backoff import backoff
+from worker.batch_loop import each_batch
 from worker.context import WorkerContext
-from worker.lifecycle import backoff
-
-log = logging.getLogger(__name__)
-_CHUNK = 500
-# Per-line error codes worth another attempt in a later batch.
-RETRYABLE_CODES = frozenset(
-    {
-        "rate_limit",
-        "rate_limit_exceeded",
-        "timeout",
-        "server_error",
-        "internal_error",
-        "overloaded",
-        "service_unavailable",
-        "expired",
-        "batch_expired",
-        "missing_result",
-        "batch_lost",
-        "batch_unsent",
-        "http_408",
-        "http_429",
-    }
+from worker.result_lines import (
+    RETRYABLE_CODES,
+    LineOutcome,
+    LineProblems,
+    parse_result_line,
+    read_result_lines,
+    reread_result_lines,
 )
 
-
-@dataclass(frozen=True, slots=True)
-class LineOutcome:
-    """What one result line (or its absence) says about one request."""
-
-    request_id: str
-    status: str  # completed | failed | cancelled
-    response: dict[str, Any] | None = None
-    error: ErrorInfo | None = None
-
-    @property
-    def retryable(self) -> bool:
-        """Whether a failure could succeed in a later batch."""
-        if self.error is None:
-            return False
-        code = self.error.code
-        return code in RETRYABLE_CODES or (code.startswith("http_5") and len(code) == 8)
+__all__ = [
+    "RETRYABLE_CODES",
+    "LineOutcome",
+    "collect_batch",
+    "collect_ready_batches",
+    "parse_result_line",
+]
+log = logging.getLogger(__name__)
+_CHUNK = 500
+# Token counts are recorded in 32-bit integer columns; no real request comes near this.
+MAX_TOKENS = 2**31 - 1
 
 
 def collect_ready_batches(ctx: WorkerContext) -> list[str]:
@@ -79,28 +65,27 @@ def collect_ready_batches(ctx: WorkerContext) -> list[str]:
             .where(or_(Batch.next_poll_at.is_(None), Batch.next_poll_at <= utcnow()))  # type: ignore[union-attr,operator,arg-type]
         )
         due = list(session.exec(stmt))
-    done = []
-    for batch_id, failures in due:
-        with ctx.lease(f"batch:{batch_id}") as mine:
-            if not mine:
-                continue
-            try:
-                if collect_batch(ctx, batch_id):
-                    done.append(batch_id)
-            except SoftTimeLimitExceeded:
-                raise  # the task is out of time: stop, the next beat carries on
-            except Exception as exc:  # one bad batch must not stall the rest
-                log.exception("collecting batch %s failed", batch_id)
-                with ctx.session() as session:
-                    update_batch(
-                        session,
-                        batch_id,
-                        error=f"collect failed, retrying: {exc!r}",
-                        collect_failures=failures + 1,
-                        next_poll_at=utcnow() + backoff(failures + 1),
-                    )
-                    session.commit()
-    return done
+
+    def record(item: tuple[str, int], exc: Exception) -> None:
+        batch_id, failures = item
+        with ctx.session() as session:
+            update_batch(
+                session,
+                batch_id,
+                error=f"collect failed, retrying: {exc!r}",
+                collect_failures=failures + 1,
+                next_poll_at=utcnow() + backoff(failures + 1),
+            )
+            session.commit()
+
+    return each_batch(
+        ctx,
+        due,
+        lambda item: item[0],
+        lambda item: collect_batch(ctx, item[0]),
+        record,
+        doing="collecting",
+    )
 
 
 def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
@@ -113,77 +98,42 @@ def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
             select(Request.id, Request.attempts).where(Request.batch_id == batch_id)
         )
         attempts = {request_id: n for request_id, n in rows}
-    workdir = ctx.results_dir / batch_id
-    workdir.mkdir(parents=True, exist_ok=True)
-    fan_out = _FanOut(ctx, batch, attempts)
-    for file_id, name in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
-        if not file_id:
-            continue
-        path = workdir / f"{name}.jsonl"
-        try:
-            ctx.provider(batch.provider).download_file(file_id, path)
-        except ProviderError as exc:
-            if exc.status_code not in (404, 410):
-                raise  # retried with backoff; only a missing file means its results are gone
-            # The file is gone for good: its requests count as not executed (and go round again).
-            log.error("batch %s: %s file %s cannot be fetched: %s", batch_id, name, file_id, exc)
-            continue
-        for outcome in read_result_lines(path):
-            fan_out.add(outcome)
-    fan_out.flush()
-    for request_id in attempts.keys() - fan_out.seen:
-        fan_out.add(_missing_outcome(request_id, batch))
-    fan_out.flush()
-    _finish_batch(ctx, batch)
-    shutil.rmtree(workdir, ignore_errors=True)
+    # Each attempt downloads into a directory of its own, so two collectors (a lease lost
+    # mid-collection) never read each other's half-written files.
+    workdir = ctx.results_dir / batch_id / uuid.uuid4().hex
+    workdir.mkdir(parents=True)
+    problems = LineProblems(batch_id)
+    try:
+        fan_out = _FanOut(ctx, batch, attempts, problems)
+        for file_id, name in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
+            if not file_id:
+                continue
+            path = workdir / f"{name}.jsonl"
+            try:
+                ctx.provider(batch.provider).download_file(file_id, path)
+            except ProviderError as exc:
+                if exc.status_code not in (404, 410):
+                    raise  # retried with backoff; only a missing file means its results are gone
+                # The file is gone for good: its requests count as not executed (they go round
+                # again).
+                log.error(
+                    "batch %s: %s file %s cannot be fetched: %s", batch_id, name, file_id, exc
+                )
+                continue
+            for offset, outcome in read_result_lines(path, problems):
+                fan_out.add(outcome, (path, offset))
+        fan_out.add_held_back_failures()
+        for request_id in attempts.keys() - fan_out.seen:
+            fan_out.add(_missing_outcome(request_id, batch))
+        fan_out.flush()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another attempt may still be using it
+            workdir.parent.rmdir()
+    _finish_batch(ctx, batch, problems)
     if batch.file_path:
         Path(batch.file_path).unlink(missing_ok=True)
     return True
-
-
-def read_result_lines(path: Path) -> Iterator[LineOutcome]:
-    """Parse an output or error file line by line (Together's formats; OpenAI's too)."""
-    with open(path, "rb") as lines:
-        for number, raw in enumerate(lines, 1):
-            if not raw.strip():
-                continue
-            try:
-                line = orjson.loads(raw)
-                custom_id = str(line["custom_id"])
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                log.error("%s line %d is not a result line; skipped", path.name, number)
-                continue
-            yield parse_result_line(custom_id, line)
-
-
-def parse_result_line(custom_id: str, line: dict[str, Any]) -> LineOutcome:
-    """One line → the outcome it reports: error set, or a non-200 response, means failure."""
-    error = line.get("error")
-    response = line.get("response") or {}
-    body = response.get("body") if isinstance(response, dict) else None
-    if error:
-        info = error if isinstance(error, dict) else {"message": str(error)}
-        return LineOutcome(
-            custom_id,
-            "failed",
-            error=ErrorInfo(
-                code=str(info.get("code") or "provider_error")[:64],
-                message=str(info.get("message") or "the provider reported an error"),
-            ),
-        )
-    status_code = response.get("status_code", 200) if isinstance(response, dict) else 0
-    if status_code != 200 or not isinstance(body, dict):
-        detail = (body or {}).get("error") if isinstance(body, dict) else None
-        message = detail.get("message") if isinstance(detail, dict) else None
-        return LineOutcome(
-            custom_id,
-            "failed",
-            error=ErrorInfo(
-                code=f"http_{status_code}",
-                message=str(message or f"the provider answered {status_code}"),
-            ),
-        )
-    return LineOutcome(custom_id, "completed", response=body)
 
 
 def _missing_outcome(request_id: str, batch: Batch) -> LineOutcome:
@@ -196,6 +146,11 @@ def _missing_outcome(request_id: str, batch: Batch) -> LineOutcome:
     if batch.outcome == "lost":
         error = ErrorInfo(code="batch_lost", message=batch.error or "the provider lost the batch")
         return LineOutcome(request_id, "failed", error=error)
+    if batch.outcome == "no_output":
+        message = batch.error or "the provider completed the batch without output files"
+        return LineOutcome(
+            request_id, "failed", error=ErrorInfo(code="batch_no_output", message=message)
+        )
     if batch.outcome == "expired":
         error = ErrorInfo(code="expired", message="the batch expired before this request ran")
         return LineOutcome(request_id, "failed", error=error)
@@ -209,42 +164,78 @@ def _missing_outcome(request_id: str, batch: Batch) -> LineOutcome:
 
 
 class _FanOut:
-    """Buffers outcomes and applies them in chunks: Redis (the delivery) first, then SQL."""
+    """Buffers outcomes and applies them in chunks: Redis (the delivery) first, then SQL.
 
-    def __init__(self, ctx: WorkerContext, batch: Batch, attempts: dict[str, int]) -> None:
+    A request's first success line is applied as soon as it is read. Its failure lines are
+    held back (as file offsets, not in memory) until every line has been read, because a
+    success line further on, even in the other file, must win; the first of them is then
+    applied only if no success came.
+    """
+
+    def __init__(
+        self, ctx: WorkerContext, batch: Batch, attempts: dict[str, int], problems: LineProblems
+    ) -> None:
         self.ctx = ctx
         self.batch = batch
         self.attempts = attempts
+        self.problems = problems
         self.seen: set[str] = set()
+        self._held_back: dict[str, tuple[Path, int]] = {}
         self._pending: list[LineOutcome] = []
 
-    def add(self, outcome: LineOutcome) -> None:
-        if outcome.request_id not in self.attempts or outcome.request_id in self.seen:
-            log.warning("batch %s: unexpected custom_id %r", self.batch.id, outcome.request_id)
+    def add(self, outcome: LineOutcome, source: tuple[Path, int] | None = None) -> None:
+        """Take one outcome; one read from ``source`` (file, offset) may be held back."""
+        request_id = outcome.request_id
+        if request_id not in self.attempts:
+            self.problems.note("custom_ids not in this batch", repr(request_id), logging.WARNING)
             return
-        self.seen.add(outcome.request_id)
+        if request_id in self.seen:
+            return  # a second line for a request already decided: the first success wins
+        if outcome.status != "completed" and source is not None:
+            self._held_back.setdefault(request_id, source)  # the first failure line, if any
+            return
+        self._held_back.pop(request_id, None)
+        self.seen.add(request_id)
         self._pending.append(outcome)
         if len(self._pending) >= _CHUNK:
             self.flush()
 
+    def add_held_back_failures(self) -> None:
+        """Apply the failure lines of requests that had no success line in any file."""
+        by_file: defaultdict[Path, list[int]] = defaultdict(list)
+        for path, offset in self._held_back.values():
+            by_file[path].append(offset)
+        expected = set(self._held_back)
+        self._held_back.clear()
+        for path, offsets in by_file.items():
+            for outcome in reread_result_lines(path, offsets, self.problems):
+                if outcome.request_id in expected:
+                    self.add(outcome)
+
     def flush(self) -> None:
+        """Deliver and record the buffered outcomes."""
         chunk, self._pending = self._pending, []
         if not chunk:
             return
         ctx, keys = self.ctx, self.ctx.keys
         max_attempts = ctx.settings.max_attempts
         retry: list[LineOutcome] = []
-        final: list[LineOutcome] = []
+        ready: list[LineOutcome] = []
         unsent = self.batch.outcome == "unsent"
         for o in chunk:
             again = o.retryable and (unsent or self.attempts[o.request_id] < max_attempts)
-            (retry if again else final).append(o)
+            (retry if again else ready).append(o)
         metas = ctx.redis.pipeline(transaction=False)
-        for o in final:
+        for o in ready:
             metas.hget(keys.request(o.request_id), "meta")
         args: list[Any] = [keys.base, ctx.settings.result_ttl_seconds, self.batch.id]
-        for o, meta in zip(final, metas.execute(), strict=True):
-            args += [o.request_id, o.status, self._result(o, meta).to_json()]
+        final: list[tuple[LineOutcome, bytes, object]] = []
+        for o, meta in zip(ready, metas.execute(), strict=True):
+            # A request failed for its encoding still used (and cost) the provider's tokens.
+            usage = (o.response or {}).get("usage")
+            o, result = self._encoded(o, meta)
+            final.append((o, result, usage))
+            args += [o.request_id, o.status, result]
         if final:
             ctx.scripts.run("finish", [keys.buffers], args)
         if retry:
@@ -253,6 +244,24 @@ class _FanOut:
             counts = "0" if self.batch.outcome == "unsent" else "1"
             ctx.scripts.run("requeue", [keys.buffers], [keys.base, self.batch.id, counts, *ids])
         self._record(final, retry)
+
+    def _encoded(self, o: LineOutcome, meta: bytes | None) -> tuple[LineOutcome, bytes]:
+        # Anything about one result that cannot be encoded (metadata or a response nested
+        # deeper than the encoders go, metadata that is not JSON) fails that request alone.
+        try:
+            return o, self._result(o, meta).to_json()
+        except Exception as exc:
+            log.error(
+                "batch %s: result of %s cannot be encoded: %s", self.batch.id, o.request_id, exc
+            )
+            reason = f"the result could not be encoded: {exc}"
+            failed = LineOutcome(
+                o.request_id, "failed", error=ErrorInfo(code="result_encoding", message=reason)
+            )
+        try:
+            return failed, self._result(failed, meta).to_json()
+        except Exception:  # the metadata itself is what cannot be encoded
+            return failed, self._result(failed, None).to_json()
 
     def _result(self, o: LineOutcome, meta: bytes | None) -> Result:
         usage = o.response.get("usage") if o.response else None
@@ -265,22 +274,27 @@ class _FanOut:
             batch_id=self.batch.id,
             attempts=self.attempts[o.request_id],
             metadata=orjson.loads(meta) if meta else None,
+            # Said in the Result itself, so a consumer never takes echo text for an answer.
+            dry_run=Result.is_dry_run(o.response),
         )
 
-    def _record(self, final: list[LineOutcome], retry: list[LineOutcome]) -> None:
+    def _record(
+        self, final: list[tuple[LineOutcome, bytes, object]], retry: list[LineOutcome]
+    ) -> None:
         now = utcnow()
         rows = []
-        for o in final:
-            usage = (o.response or {}).get("usage") or {}
+        for o, result, usage in final:
             rows.append(
                 {
                     "id": o.request_id,
                     "state": o.status,
                     "error_code": o.error.code if o.error else None,
                     "error_message": o.error.message[:2000] if o.error else None,
-                    "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-                    "completion_tokens": int(usage.get("completion_tokens") or 0),
+                    "prompt_tokens": token_count(usage, "prompt_tokens"),
+                    "completion_tokens": token_count(usage, "completion_tokens"),
                     "finished_at": now,
+                    # Exactly the bytes on the callback stream, so they can be sent again.
+                    "result": result.decode(),
                 }
             )
         rows += [
@@ -292,6 +306,7 @@ class _FanOut:
                 "prompt_tokens": 0,
                 "completion_tokens": 0,
                 "finished_at": None,
+                "result": None,
             }
             for o in retry
         ]
@@ -300,7 +315,18 @@ class _FanOut:
             session.commit()
 
 
-def _finish_batch(ctx: WorkerContext, batch: Batch) -> None:
+def token_count(usage: object, key: str) -> int:
+    """A usage count fit for the record: 0 unless a number, at most ``MAX_TOKENS``."""
+    # The result still carries the provider's usage as it came; only the record is guarded.
+    value = usage.get(key) if isinstance(usage, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return int(min(max(value, 0), MAX_TOKENS))
+
+
+def _finish_batch(ctx: WorkerContext, batch: Batch, problems: LineProblems) -> None:
     table = Request.__table__  # type: ignore[attr-defined]
     with ctx.session() as session:
         counts = {
@@ -325,6 +351,10 @@ def _finish_batch(ctx: WorkerContext, batch: Batch) -> None:
             "completion_tokens": totals[1],
             "finished_at": utcnow(),
         }
+        summary = problems.summary()
+        if summary:
+            log.error("batch %s: %s", batch.id, summary)
+            fields["error"] = f"{batch.error}; {summary}" if batch.error else summary
         source = BatchState(batch.state)
         transition(session, batch.id, BatchState.FINISHED, expect=[source], **fields)
         session.commit()

@@ -1,65 +1,80 @@
-"""Submitting batches to their provider and polling them until the provider is done.
+"""Submitting batches to their provider: upload, then one paid create, whatever fails.
 
 Creating a batch is the one call that is not idempotent (it costs money), so it is guarded
-three ways: a per-batch lease, a conditional SQL transition, and reconciliation: before a
-second create attempt, the provider's batch list is searched for a job over our input file
-created since this batch was packed and not already owned by another batch.
+four ways:
 
-Each batch is handled on its own: an error with one batch is recorded on it and retried with
-backoff, and never stops the others.
+- a per-batch lease, so one worker at a time handles the batch;
+- the right to create is a conditional SQL update, so two workers can never both create;
+- a create whose outcome is unknown (a timeout, a lost connection, a 5xx: the job may exist
+  all the same) keeps its in-flight mark; before any further create the provider's batch list
+  is searched for a job over our input file, and a second create is only sent once the first
+  could no longer be in flight;
+- after such a retry, polls keep looking for a late job over the same file for a while; if one
+  turns up, it is cancelled at the provider and recorded (see ``worker.polling``).
+
+Requests the provider never ran are never failed by the submitter on its own: when the
+provider refuses us (401/402/403) or retries run out, the batch is held, retried at the backoff
+ceiling, and resumes when the provider answers again; failing it is the operator's call
+(``batchbridge batches fail``). Each batch is handled on its own: an error with one batch is
+recorded on it and retried with backoff, and never stops the others.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
-from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 from sqlmodel import select
 
-from shared.db import due_for_poll, due_for_submit, transition, update_batch
+from shared.db import due_for_submit, transition, update_batch
 from shared.models import Batch, BatchState, utcnow
 from shared.providers.base import BatchProvider, ProviderBatch, ProviderError
+from worker.backoff import CEILING_SECONDS, backoff
+from worker.batch_loop import each_batch
 from worker.context import WorkerContext
+from worker.reconciler import batch_still_owns_requests
+
+__all__ = ["backoff", "fail_unsent_batch", "submit_batch", "submit_ready_batches"]
 
 log = logging.getLogger(__name__)
-_RETRY_BASE_SECONDS = 2.0
-_RETRY_MAX_SECONDS = 300.0
+# Retryable failures in a row before a batch is put on hold (it is retried all the same).
 _MAX_SUBMIT_ATTEMPTS = 10
-# A job can be briefly invisible right after it is created; only repeated 404s mean lost.
-_NOT_FOUND_POLLS_BEFORE_LOST = 3
 # Tolerated difference between the provider's clock and ours when matching a job to a batch.
-_CLOCK_SLACK = timedelta(minutes=5)
-# How long a create call may still be in flight (the SDK's read timeout is 60 s).
-_CREATE_IN_FLIGHT = timedelta(seconds=120)
+CLOCK_SLACK = timedelta(minutes=5)
+# Answers that mean the provider refuses this account: nothing ran, and retrying later may
+# work once the operator fixes the key, the billing or the permissions.
+_REFUSED = frozenset({401, 402, 403})
 
 
-def backoff(attempts: int, retry_after: float | None = None) -> timedelta:
-    """How long to wait before the next try after ``attempts`` failures."""
-    seconds = retry_after or min(_RETRY_BASE_SECONDS * 2**attempts, _RETRY_MAX_SECONDS)
-    return timedelta(seconds=seconds)
+def in_flight_window(ctx: WorkerContext) -> timedelta:
+    """How long a create may still be in flight (or its job still appear) after it was sent."""
+    return timedelta(seconds=2 * ctx.settings.provider_timeout_seconds)
+
+
+def duplicate_watch(ctx: WorkerContext) -> timedelta:
+    """How long after an ambiguous create polls keep looking for a second, late job."""
+    return timedelta(seconds=10 * ctx.settings.provider_timeout_seconds)
+
+
+def is_definite_refusal(exc: ProviderError) -> bool:
+    """True when a failed create certainly created nothing: the provider answered 4xx."""
+    return exc.status_code is not None and 400 <= exc.status_code < 500
 
 
 def submit_ready_batches(ctx: WorkerContext) -> list[str]:
     """Upload and create every packed or uploaded batch whose time has come."""
     with ctx.session() as session:
         ready = due_for_submit(session, utcnow())
-    submitted = []
-    for batch in ready:
-        with ctx.lease(f"batch:{batch.id}") as mine:
-            if not mine:
-                continue
-            try:
-                if submit_batch(ctx, batch.id):
-                    submitted.append(batch.id)
-            except SoftTimeLimitExceeded:
-                raise  # the task is out of time: stop, the next beat carries on
-            except Exception as exc:  # one bad batch must not stall the rest
-                log.exception("submitting batch %s failed unexpectedly", batch.id)
-                _retry_later(ctx, batch, f"unexpected error while submitting: {exc!r}")
-    return submitted
+    return each_batch(
+        ctx,
+        ready,
+        lambda batch: batch.id,
+        lambda batch: submit_batch(ctx, batch.id),
+        lambda batch, exc: _retry_later(ctx, batch, f"unexpected error while submitting: {exc!r}"),
+        doing="submitting",
+    )
 
 
 def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
@@ -70,16 +85,18 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
         return False
     try:
         provider = ctx.provider(batch.provider)
+    except ProviderError as exc:  # e.g. no API key configured: nothing was sent
+        _hold(
+            ctx, batch, f"provider {batch.provider!r} is not usable: {exc}", batch.submit_attempts
+        )
+        return False
+    try:
         if batch.state == BatchState.PACKED:
             path = Path(batch.file_path)
             if not path.exists():
                 _give_back_unsent(ctx, batch, f"batch file {path} is missing on this worker")
                 return False
-            try:
-                file_id = provider.upload_file(path)
-            except ProviderError as exc:
-                _record_submit_failure(ctx, batch, exc, attempts=batch.submit_attempts + 1)
-                return False
+            file_id = provider.upload_file(path)
             with ctx.session() as session:
                 uploaded = transition(
                     session,
@@ -93,12 +110,15 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
                 return False  # another worker got there first; it owns the rest
             batch.provider_file_id = file_id
         job = _create_once(ctx, provider, batch)
-    except ProviderError as exc:
-        # The create attempt (if one was made) is already counted.
-        _record_submit_failure(ctx, batch, exc, attempts=batch.submit_attempts)
+    except _CreateFailed as failed:
+        _record_submit_failure(ctx, batch, failed.error, ambiguous=failed.ambiguous)
+        return False
+    except ProviderError as exc:  # upload or list: no create was sent
+        _record_submit_failure(ctx, batch, exc, attempts=batch.submit_attempts + 1)
         return False
     if job is None:
         return False
+    now = utcnow()
     with ctx.session() as session:
         moved = transition(
             session,
@@ -107,28 +127,51 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
             expect=[BatchState.UPLOADED],
             provider_batch_id=job.id,
             provider_status=job.raw_status,
-            submitted_at=utcnow(),
+            submitted_at=now,
             create_started_at=None,
-            next_poll_at=utcnow() + timedelta(seconds=ctx.settings.poll_interval_seconds),
+            held_since=None,
+            duplicate_check_until=now + duplicate_watch(ctx) if batch.ambiguous_creates else None,
+            next_poll_at=now + timedelta(seconds=ctx.settings.poll_interval_seconds),
             error=None,
         )
         session.commit()
+    if batch.held_since is not None:
+        log.warning("batch %s: the provider answers again; submission resumed", batch_id)
     log.info("submitted batch %s as %s job %s", batch_id, batch.provider, job.id)
     return moved
+
+
+class _CreateFailed(Exception):
+    """The create call itself failed; ``ambiguous`` when a job may exist all the same."""
+
+    def __init__(self, error: ProviderError, *, ambiguous: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.ambiguous = ambiguous
 
 
 def _create_once(ctx: WorkerContext, provider: BatchProvider, batch: Batch) -> ProviderBatch | None:
     """Create the provider job, or adopt one an earlier attempt made; None to leave it be."""
     assert batch.provider_file_id is not None
     now = utcnow()
-    if batch.create_started_at is not None and now - batch.create_started_at < _CREATE_IN_FLIGHT:
-        # Another worker (whose lease lapsed) may be waiting for its create right now.
-        return None
-    if batch.submit_attempts > 0:
-        adopted = _find_earlier_create(ctx, provider, batch)
+    if batch.create_started_at is not None or batch.submit_attempts > 0:
+        adopted = find_unowned_job(ctx, provider, batch)
         if adopted is not None:
             log.info("batch %s was already created as %s; adopting it", batch.id, adopted.id)
             return adopted
+    if batch.create_started_at is not None:
+        wait_until = batch.create_started_at + in_flight_window(ctx)
+        if now < wait_until:
+            # A create may still be in flight (ours timed out, or a worker died waiting for
+            # it): a second one now could become a second paid job. Look again later.
+            with ctx.session() as session:
+                update_batch(session, batch.id, next_poll_at=wait_until)
+                session.commit()
+            return None
+    if not batch_still_owns_requests(ctx, batch.id):
+        # Redis lost this batch's claim and another batch holds some of its requests now: a
+        # create would bill them twice. The batch was given back unsent instead.
+        return None
     # The right to create is taken in SQL, so two workers can never both create.
     with ctx.session() as session:
         claimed = session.execute(
@@ -142,12 +185,25 @@ def _create_once(ctx: WorkerContext, provider: BatchProvider, batch: Batch) -> P
     if not claimed.rowcount:  # type: ignore[attr-defined]
         return None
     batch.submit_attempts += 1
-    return provider.create_batch(batch.provider_file_id, model=batch.model)
+    batch.create_started_at = now
+    try:
+        return provider.create_batch(batch.provider_file_id, model=batch.model)
+    except ProviderError as exc:
+        raise _CreateFailed(exc, ambiguous=not is_definite_refusal(exc)) from exc
 
 
-def _find_earlier_create(
-    ctx: WorkerContext, provider: BatchProvider, batch: Batch
+def find_unowned_job(
+    ctx: WorkerContext, provider: BatchProvider, batch: Batch, *, exclude: str | None = None
 ) -> ProviderBatch | None:
+    """The oldest provider job over this batch's input file that no batch has recorded."""
+    jobs = unowned_jobs(ctx, provider, batch, exclude=exclude)
+    return jobs[0] if jobs else None
+
+
+def unowned_jobs(
+    ctx: WorkerContext, provider: BatchProvider, batch: Batch, *, exclude: str | None = None
+) -> list[ProviderBatch]:
+    """Provider jobs over this batch's input file, newer than the batch, owned by no batch."""
     # A provider may hand back an existing file id for identical content, so the file id
     # alone could match an older batch's job: also require a job newer than this batch and
     # not already owned by another batch.
@@ -155,10 +211,11 @@ def _find_earlier_create(
         job
         for job in provider.list_batches()
         if job.input_file_id == batch.provider_file_id
-        and (job.created_at is None or job.created_at >= batch.created_at - _CLOCK_SLACK)
+        and job.id != exclude
+        and (job.created_at is None or job.created_at >= batch.created_at - CLOCK_SLACK)
     ]
     if not candidates:
-        return None
+        return []
     with ctx.session() as session:
         owned = set(
             session.exec(
@@ -168,22 +225,40 @@ def _find_earlier_create(
             )
         )
     free = [job for job in candidates if job.id not in owned]
-    return free[0] if free else None
+    return sorted(free, key=lambda job: (job.created_at is None, job.created_at, job.id))
 
 
 def _record_submit_failure(
-    ctx: WorkerContext, batch: Batch, exc: ProviderError, *, attempts: int
+    ctx: WorkerContext,
+    batch: Batch,
+    exc: ProviderError,
+    *,
+    attempts: int | None = None,
+    ambiguous: bool = False,
 ) -> None:
+    """Back off, hold, or (for a request the provider says is malformed) fail the batch."""
+    attempts = batch.submit_attempts if attempts is None else attempts
+    fields: dict[str, object] = {"submit_attempts": attempts}
+    if ambiguous:
+        # The job may exist: keep the in-flight mark so no second create goes out before the
+        # provider's list has had its chance to show it.
+        fields["ambiguous_creates"] = batch.ambiguous_creates + 1
+        batch.ambiguous_creates += 1
+    elif batch.create_started_at is not None and attempts == batch.submit_attempts:
+        # This very create was refused outright (4xx): nothing was created.
+        fields["create_started_at"] = None
+    if exc.status_code in _REFUSED or (exc.retryable and attempts >= _MAX_SUBMIT_ATTEMPTS):
+        _hold(ctx, batch, str(exc), attempts, exc.retry_after, **fields)
+        return
     with ctx.session() as session:
-        if exc.retryable and attempts < _MAX_SUBMIT_ATTEMPTS:
+        if exc.retryable:
             delay = backoff(attempts, exc.retry_after)
             update_batch(
                 session,
                 batch.id,
-                submit_attempts=attempts,
-                create_started_at=None,  # our call has returned: nothing is in flight
                 error=f"retryable error, retrying: {exc}",
                 next_poll_at=utcnow() + delay,
+                **fields,
             )
             log.warning("submitting batch %s failed, retry in %s: %s", batch.id, delay, exc)
         else:
@@ -193,11 +268,37 @@ def _record_submit_failure(
                 BatchState.FAILED,
                 expect=[BatchState.PACKED, BatchState.UPLOADED],
                 outcome="failed",
-                submit_attempts=attempts,
-                error=f"{'out of attempts' if exc.retryable else 'permanent error'}: {exc}",
+                error=f"permanent error: {exc}",
+                **fields,
             )
             log.error("batch %s could not be submitted: %s", batch.id, exc)
         session.commit()
+
+
+def _hold(
+    ctx: WorkerContext,
+    batch: Batch,
+    reason: str,
+    attempts: int,
+    retry_after: float | None = None,
+    **fields: object,
+) -> None:
+    # Nothing ran, so nothing is failed: try again at the backoff ceiling until the provider
+    # answers, and say so once (not on every retry).
+    now = utcnow()
+    with ctx.session() as session:
+        update_batch(
+            session,
+            batch.id,
+            held_since=batch.held_since or now,
+            error=f"on hold (requests kept; `batchbridge batches fail {batch.id}` gives up): "
+            f"{reason}",
+            next_poll_at=now + backoff(attempts, retry_after, floor=CEILING_SECONDS / 10),
+            **fields,
+        )
+        session.commit()
+    if batch.held_since is None:
+        log.error("batch %s is on hold, its requests kept: %s", batch.id, reason)
 
 
 def _give_back_unsent(ctx: WorkerContext, batch: Batch, reason: str) -> None:
@@ -217,9 +318,10 @@ def _give_back_unsent(ctx: WorkerContext, batch: Batch, reason: str) -> None:
 
 
 def _retry_later(ctx: WorkerContext, batch: Batch, error: str) -> None:
+    # Whether a create went out is unknown here, so the in-flight mark is left as it is.
     attempts = batch.submit_attempts + 1
     if attempts >= _MAX_SUBMIT_ATTEMPTS:
-        _record_submit_failure(ctx, batch, ProviderError(error, retryable=True), attempts=attempts)
+        _hold(ctx, batch, error, attempts, submit_attempts=attempts)
         return
     with ctx.session() as session:
         update_batch(
@@ -232,99 +334,48 @@ def _retry_later(ctx: WorkerContext, batch: Batch, error: str) -> None:
         session.commit()
 
 
-def poll_due_batches(ctx: WorkerContext) -> list[str]:
-    """Poll submitted batches that are due; return those the provider has finished."""
-    with ctx.session() as session:
-        due = due_for_poll(session, utcnow())
-    finished = []
-    for batch in due:
-        with ctx.lease(f"batch:{batch.id}") as mine:
-            if not mine:
-                continue
-            try:
-                if poll_batch(ctx, batch):
-                    finished.append(batch.id)
-            except SoftTimeLimitExceeded:
-                raise
-            except Exception as exc:  # one bad batch must not stall the rest
-                log.exception("polling batch %s failed unexpectedly", batch.id)
-                with ctx.session() as session:
-                    update_batch(
-                        session,
-                        batch.id,
-                        error=f"unexpected error while polling: {exc!r}",
-                        next_poll_at=utcnow() + backoff(3),
-                    )
-                    session.commit()
-    return finished
+class NotFailable(ValueError):
+    """An operator asked to fail a batch that is not (or no longer) safely unsent."""
 
 
-def poll_batch(ctx: WorkerContext, batch: Batch) -> bool:
-    """Ask the provider about one batch; True when it has reached a terminal status."""
-    assert batch.provider_batch_id is not None
-    next_poll = utcnow() + timedelta(seconds=ctx.settings.poll_interval_seconds)
-    try:
-        job = ctx.provider(batch.provider).get_batch(batch.provider_batch_id)
-    except ProviderError as exc:
-        return _record_poll_failure(ctx, batch, exc, next_poll)
+def fail_unsent_batch(ctx: WorkerContext, batch_id: str, *, force: bool = False) -> Batch:
+    """Fail a batch that was never submitted (an operator's choice); the collector reports it.
+
+    A batch whose create may have reached the provider is refused unless ``force``: its job
+    could be running (and billed), and failing it would throw the results away.
+    """
     with ctx.session() as session:
-        if not job.status.is_terminal:
-            update_batch(
+        batch = session.get(Batch, batch_id)
+    if batch is None:
+        raise NotFailable(f"no batch {batch_id!r}")
+    if batch.state not in (BatchState.PACKED, BatchState.UPLOADED):
+        raise NotFailable(
+            f"batch {batch_id} is {batch.state}: only a batch not yet submitted (packed or "
+            "uploaded) can be failed"
+        )
+    if batch.submit_attempts and batch.state == BatchState.UPLOADED and not force:
+        raise NotFailable(
+            f"batch {batch_id} has had {batch.submit_attempts} create attempt(s), which may have "
+            "created a provider job; check the provider and use --force to fail it anyway"
+        )
+    with ctx.lease(f"batch:{batch_id}") as mine:
+        if not mine:
+            raise NotFailable(f"batch {batch_id} is being worked on right now; try again")
+        with ctx.session() as session:
+            moved = transition(
                 session,
-                batch.id,
-                provider_status=job.raw_status,
-                poll_count=batch.poll_count + 1,
-                not_found_polls=0,
-                next_poll_at=next_poll,
+                batch_id,
+                BatchState.FAILED,
+                expect=[BatchState.PACKED, BatchState.UPLOADED],
+                outcome="failed",
+                next_poll_at=None,
+                error=f"failed by the operator; last error: {batch.error or 'none'}",
             )
             session.commit()
-            return False
-        moved = transition(
-            session,
-            batch.id,
-            BatchState.COLLECTING,
-            expect=[BatchState.SUBMITTED],
-            provider_status=job.raw_status,
-            poll_count=batch.poll_count + 1,
-            not_found_polls=0,
-            outcome=job.status.value,
-            output_file_id=job.output_file_id,
-            error_file_id=job.error_file_id,
-            error=job.error,
-            next_poll_at=None,
-        )
-        session.commit()
-    return moved
-
-
-def _record_poll_failure(
-    ctx: WorkerContext, batch: Batch, exc: ProviderError, next_poll: datetime
-) -> bool:
-    not_found = batch.not_found_polls + 1 if exc.status_code == 404 else 0
+    if not moved:
+        raise NotFailable(f"batch {batch_id} changed state meanwhile; look again")
+    log.warning("batch %s failed by the operator", batch_id)
     with ctx.session() as session:
-        if not_found >= _NOT_FOUND_POLLS_BEFORE_LOST:
-            # The provider no longer knows the job: its results cannot be fetched, so the
-            # collector sends its requests round again (outcome "lost" is retryable).
-            transition(
-                session,
-                batch.id,
-                BatchState.COLLECTING,
-                expect=[BatchState.SUBMITTED],
-                outcome="lost",
-                not_found_polls=not_found,
-                error=f"permanent error: {exc}",
-                next_poll_at=None,
-            )
-        else:
-            kind = "retryable" if exc.retryable else "permanent"
-            if exc.retry_after:
-                next_poll = max(next_poll, utcnow() + timedelta(seconds=exc.retry_after))
-            update_batch(
-                session,
-                batch.id,
-                not_found_polls=not_found,
-                error=f"poll: {kind} error: {exc}",
-                next_poll_at=next_poll,
-            )
-        session.commit()
-    return not_found >= _NOT_FOUND_POLLS_BEFORE_LOST
+        failed = session.get(Batch, batch_id)
+    assert failed is not None
+    return failed

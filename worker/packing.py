@@ -26,11 +26,14 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import IntegrityError
 
-from shared.db import upsert_requests
+from shared.db import held_elsewhere, upsert_requests
 from shared.models import Batch, BatchState, RequestState, utcnow
 from shared.redis_layout import split_buffer_name, text
+from shared.schemas import DEFAULT_PROVIDER
+from shared.settings import Settings
 from worker.claims import abandon_claim, release_claim
 from worker.context import WorkerContext
+from worker.reconciler import repair_batch
 
 log = logging.getLogger(__name__)
 _READ_CHUNK = 5000  # requests per HMGET of bodies: ~5 MB, few round trips
@@ -101,7 +104,8 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     if not count:
         return None
     reason = text(raw_reason)
-    provider, model = split_buffer_name(buf)
+    buffer_provider, model = split_buffer_name(buf)
+    provider = batch_provider(s, buffer_provider)
     path = ctx.batch_dir / provider / f"{batch_id}.jsonl"
     batch = Batch(
         id=batch_id,
@@ -109,19 +113,27 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         model=model,
         state=BatchState.PACKED.value,
         request_count=int(count),
-        bytes=int(size),  # the sum of the claimed lines' sizes: exactly the file's length
+        bytes=int(size),
         flush_reason=reason,
         file_path=str(path),
         next_poll_at=utcnow(),
     )
     try:
-        write_batch_file(ctx, batch_id, buf, claimed[::3], path)
+        # The claimed size also counts metadata (it travels with every result); the record
+        # keeps the file's exact length.
+        batch.bytes = write_batch_file(ctx, batch_id, buf, claimed[::3], path)
         rows = request_rows(batch_id, claimed)
         with ctx.session() as session:
             session.add(batch)
             session.flush()  # a reaper's tombstone under this id fails here
-            upsert_requests(session, rows)
+            if upsert_requests(session, rows) != len(rows):
+                held = held_elsewhere(session, batch_id, [row["id"] for row in rows])
+                session.rollback()
+                raise _OfferedAgain(held)
             session.commit()
+    except _OfferedAgain as again:
+        _hand_back_offered_again(ctx, batch_id, path, again.held)
+        return None
     except IntegrityError:
         # The reaper gave up on this claim first and returned its requests to the buffer.
         log.warning("batch %s was reaped before it was recorded; discarding it", batch_id)
@@ -137,7 +149,46 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         raise
     release_claim(ctx, batch_id)
     log.info("packed batch %s: %d requests, %d bytes (%s)", batch_id, count, size, reason)
-    return PackedBatch(batch_id, provider, model, int(count), int(size), reason, path)
+    return PackedBatch(batch_id, provider, model, int(count), batch.bytes, reason, path)
+
+
+class _OfferedAgain(Exception):
+    """Some claimed requests are held by another batch in the record (Redis lost writes)."""
+
+    def __init__(self, held: dict[str, str]) -> None:
+        super().__init__(f"{len(held)} requests belong to other batches")
+        self.held = held
+
+
+def _hand_back_offered_again(
+    ctx: WorkerContext, batch_id: str, path: Path, held: dict[str, str]
+) -> None:
+    # Only a Redis that lost writes offers a request the record has in another live (or
+    # finished) batch. Packing it again would bill it twice: give the whole claim back and
+    # let the batches that own those requests take them back (or finish them) right away;
+    # the rest are packed on the next pass.
+    path.unlink(missing_ok=True)
+    abandon_claim(ctx, batch_id)
+    owners = sorted(set(held.values()))
+    log.error(
+        "batch %s not packed: %d of its requests belong to batch(es) %s in the record (Redis "
+        "lost writes); handed back to their owners",
+        batch_id,
+        len(held),
+        ", ".join(owners[:5]),
+    )
+    for owner in owners:
+        repair_batch(ctx, owner)
+
+
+def batch_provider(settings: Settings, buffer_provider: str) -> str:
+    """The provider a buffer's batches go to: ``default`` buffers follow this worker's setting.
+
+    Resolved here, when the batch is recorded, rather than by the producer, so that the
+    deployment's default is the worker's configuration (its ``BATCHBRIDGE_PROVIDER`` and
+    ``TOGETHER_API_KEY``), never whatever a producer's environment happens to hold.
+    """
+    return settings.default_provider if buffer_provider == DEFAULT_PROVIDER else buffer_provider
 
 
 def request_rows(batch_id: str, claimed: list[bytes]) -> list[dict[str, Any]]:
@@ -162,10 +213,14 @@ def request_rows(batch_id: str, claimed: list[bytes]) -> list[dict[str, Any]]:
 
 def write_batch_file(
     ctx: WorkerContext, batch_id: str, buf: str, ids: list[bytes], path: Path
-) -> None:
-    """Stream the claimed requests into ``path`` as Together JSONL, fsynced and renamed."""
+) -> int:
+    """Stream the claimed requests into ``path`` as Together JSONL, fsynced and renamed.
+
+    Returns the file's length in bytes.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
+    written = 0
     with open(tmp, "wb", buffering=1 << 20) as out:
         for start in range(0, len(ids), _READ_CHUNK):
             chunk = ids[start : start + _READ_CHUNK]
@@ -178,7 +233,8 @@ def write_batch_file(
                     log.error("request %s has no body; left out of batch %s", request_id, batch_id)
                     continue
                 lines.append(b'{"custom_id":"' + request_id + b'","body":' + body + b"}\n")
-            out.write(b"".join(lines))
+            written += out.write(b"".join(lines))
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    return written

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -26,6 +28,7 @@ class WorkerProcess:
         log_path: Path | None = None,
         schedule_path: Path | None = None,
         hostname: str | None = None,
+        include: tuple[str, ...] = (),
     ) -> None:
         self.env = env
         self.beat = beat
@@ -34,6 +37,7 @@ class WorkerProcess:
         self.log_path = log_path
         self.schedule_path = schedule_path
         self.hostname = hostname
+        self.include = include  # extra task modules to import (tests use it for probes)
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -52,6 +56,8 @@ class WorkerProcess:
                 cmd += ["-s", str(self.schedule_path)]
         if self.hostname:
             cmd += ["-n", self.hostname]
+        if self.include:
+            cmd += ["-I", ",".join(self.include)]
         return cmd
 
     def start(self) -> WorkerProcess:
@@ -100,3 +106,76 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class GaveUp(RuntimeError):
+    """A supervised child kept dying; the message says which and how."""
+
+
+class Supervised:
+    """Something ``batchbridge up`` keeps running: a worker, or the embedded Redis."""
+
+    def __init__(
+        self,
+        name: str,
+        start: Callable[[], None],
+        alive: Callable[[], bool],
+        exit_code: Callable[[], int | None],
+    ) -> None:
+        self.name = name
+        self.start = start
+        self.alive = alive
+        self.exit_code = exit_code
+
+
+class Supervisor:
+    """Restarts children that die, with backoff; gives up on one that dies too often.
+
+    A child that dies ``max_deaths`` times within ``window`` seconds is crash-looping (bad
+    settings, a database that refuses it, a Redis it must not run on): :meth:`watch` raises
+    :class:`GaveUp` saying so, rather than restarting it for ever.
+    """
+
+    def __init__(
+        self,
+        children: list[Supervised],
+        *,
+        max_deaths: int = 5,
+        window: float = 60.0,
+        first_delay: float = 0.5,
+        max_delay: float = 10.0,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.children = children
+        self.max_deaths = max_deaths
+        self.window = window
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self.say = say
+        self.deaths: dict[str, list[float]] = {child.name: [] for child in children}
+
+    def watch(self, stop: Callable[[], bool], poll: float = 0.2) -> None:
+        """Until ``stop()``: restart whatever died (in order: Redis before the worker)."""
+        while not stop():
+            for child in self.children:
+                if not child.alive() and not stop():
+                    self._restart(child, stop)
+            time.sleep(poll)
+
+    def _restart(self, child: Supervised, stop: Callable[[], bool]) -> None:
+        now = time.monotonic()
+        recent = [t for t in self.deaths[child.name] if now - t < self.window] + [now]
+        self.deaths[child.name] = recent
+        code = child.exit_code()
+        if len(recent) >= self.max_deaths:
+            raise GaveUp(
+                f"{child.name} died {len(recent)} times within {self.window:.0f} s (last exit "
+                f"code {code}); giving up. Its output above says why"
+            )
+        delay = min(self.first_delay * 2 ** (len(recent) - 1), self.max_delay)
+        self.say(f"{child.name} died (exit code {code}); restarting it in {delay:.1f} s")
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not stop():
+            time.sleep(0.05)
+        if not stop():
+            child.start()

@@ -6,15 +6,36 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import update
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import bindparam, update
 from sqlmodel import select
 
 from shared.models import Request, RequestState
 from shared.redis_layout import text
 from worker.claims import abandon_claim
 from worker.context import WorkerContext
+from worker.leftovers import remove_leftovers
 
 log = logging.getLogger(__name__)
+
+
+def reaper_pass(ctx: WorkerContext) -> int:
+    """One pass of the reaper; returns how many requests went back to their buffers.
+
+    Each step runs on its own, so one that fails (the database is down) skips no other.
+    """
+    returned = 0
+    for step in (reconcile_requeued_rows, reap_abandoned_claims, remove_leftovers):
+        try:
+            n = step(ctx)
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception:
+            log.exception("reaper step %s failed; retried on the next pass", step.__name__)
+            continue
+        if step is reap_abandoned_claims:
+            returned = n
+    return returned
 
 
 def reap_abandoned_claims(ctx: WorkerContext) -> int:
@@ -26,7 +47,13 @@ def reap_abandoned_claims(ctx: WorkerContext) -> int:
     returned = 0
     stale: list[Any] = ctx.redis.zrangebyscore(ctx.keys.claims, "-inf", cutoff_ms)
     for raw in stale:
-        returned += abandon_claim(ctx, text(raw))
+        batch_id = text(raw)
+        try:
+            returned += abandon_claim(ctx, batch_id)
+        except SoftTimeLimitExceeded:
+            raise  # out of time: the next pass carries on
+        except Exception:  # one claim that cannot be reaped must not keep the others out
+            log.exception("reaping claim %s failed; retried on the next pass", batch_id)
     return returned
 
 
@@ -45,19 +72,26 @@ def reconcile_requeued_rows(ctx: WorkerContext, limit: int = 500) -> int:
         return 0
     pipe = ctx.redis.pipeline(transaction=False)
     for request_id in ids:
-        pipe.hmget(ctx.keys.request(request_id), ["state", "outcome"])
+        pipe.hmget(ctx.keys.request(request_id), ["state", "outcome", "result"])
+    # The cancelled result is kept with the row, as collected results are.
     cancelled = [
-        request_id
-        for request_id, (state, outcome) in zip(ids, pipe.execute(), strict=True)
+        {"rid": request_id, "result": result.decode() if result else None}
+        for request_id, (state, outcome, result) in zip(ids, pipe.execute(), strict=True)
         if state == b"done" and outcome == b"cancelled"
     ]
     if cancelled:
+        table = Request.__table__  # type: ignore[attr-defined]
         with ctx.session() as session:
-            session.execute(
-                update(Request)
-                .where(Request.id.in_(cancelled))  # type: ignore[attr-defined]
-                .where(Request.state == RequestState.REQUEUED.value)  # type: ignore[arg-type]
-                .values(state=RequestState.CANCELLED.value, error_code="cancelled")
+            session.connection().execute(
+                update(table)
+                .where(table.c.id == bindparam("rid"))
+                .where(table.c.state == RequestState.REQUEUED.value)
+                .values(
+                    state=RequestState.CANCELLED.value,
+                    error_code="cancelled",
+                    result=bindparam("result"),
+                ),
+                cancelled,
             )
             session.commit()
     return len(cancelled)

@@ -63,9 +63,21 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 .limit(10)
             )
             errors = [
-                {"batch": b.id, "state": b.state, "provider": b.provider, "error": b.error}
+                {
+                    "batch": b.id,
+                    "state": b.state,
+                    "provider": b.provider,
+                    "held_since": b.held_since.isoformat() if b.held_since else None,
+                    "error": b.error,
+                }
                 for b in troubled
             ]
+            held = session.exec(
+                select(func.count())
+                .select_from(Batch)
+                .where(Batch.held_since.is_not(None))  # type: ignore[union-attr]
+                .where(Batch.state.in_([BatchState.PACKED.value, BatchState.UPLOADED.value]))  # type: ignore[attr-defined]
+            ).one()
     finally:
         engine.dispose()
     return {
@@ -73,6 +85,7 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         "uncommitted_claims": claims,
         "batches": batches,
         "batches_with_errors": errors,
+        "held_batches": int(held),
     }
 
 
@@ -96,12 +109,19 @@ def render_status(console: Console, report: dict[str, Any]) -> None:
     for row in report["batches"]:
         batches.add_row(row["provider"], row["state"], str(row["count"]))
     console.print(batches if report["batches"] else "No batches yet.")
+    if report.get("held_batches"):
+        console.print(
+            f"[red]{report['held_batches']} batch(es) on hold[/red]: the provider refuses them "
+            "or retries ran out; their requests are kept (see the errors below; "
+            "`batchbridge batches fail BATCH_ID` gives up on one)"
+        )
     if report["batches_with_errors"]:
         troubled = Table(title="Unfinished batches with errors (newest first)")
         for column in ("batch", "state", "provider", "error"):
             troubled.add_column(column, overflow="fold")
         for row in report["batches_with_errors"]:
-            troubled.add_row(row["batch"], row["state"], row["provider"], row["error"][:200])
+            state = f"{row['state']} (held)" if row.get("held_since") else row["state"]
+            troubled.add_row(row["batch"], state, row["provider"], row["error"][:200])
         console.print(troubled)
     if report["uncommitted_claims"]:
         console.print(f"{report['uncommitted_claims']} claim(s) being packed")

@@ -10,11 +10,13 @@ import logging
 import os
 import threading
 import time
+from datetime import datetime, timedelta
 
-from celery import signals
+from celery import Task, signals
 
 from shared import task_names
 from shared.db import make_engine, poll_now
+from shared.models import utcnow
 from shared.providers.base import ProviderBatchStatus
 from shared.providers.local import LocalProvider, get_engine, run_job
 from shared.providers.local.faults import Faults
@@ -22,9 +24,19 @@ from shared.settings import Settings
 from worker.app import app
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
-from worker.lifecycle import poll_due_batches, submit_ready_batches
+from worker.leftovers import remove_leftovers_at_startup
+from worker.lifecycle import submit_ready_batches
 from worker.packing import pack_due_buffers
-from worker.reaper import reap_abandoned_claims, reconcile_requeued_rows
+from worker.polling import poll_due_batches
+from worker.reaper import reaper_pass
+from worker.reconciler import RECENT, last_activity
+from worker.reconciler import reconcile as reconcile_with_record
+from worker.redis_checks import (
+    UnsafeRedisConfig,
+    accept_epoch,
+    check_epoch,
+    check_eviction_policy,
+)
 
 log = logging.getLogger(__name__)
 _contexts: dict[int, WorkerContext] = {}
@@ -49,9 +61,29 @@ def _check_and_prepare(**_: object) -> None:
     settings: Settings = app.conf.batchbridge_settings
     Faults.from_env()
     make_engine(settings).dispose()
+    _check_redis(settings)
+    remove_leftovers_at_startup(settings)
     log.warning("batchbridge worker starting; default provider: %s", settings.default_provider)
     if settings.default_provider == "together" and not os.environ.get("TOGETHER_API_KEY"):
         log.error("BATCHBRIDGE_PROVIDER is together but TOGETHER_API_KEY is not set")
+
+
+def _check_redis(settings: Settings) -> None:
+    # A Redis that evicts keys loses requests silently: refuse to start on one (SystemExit,
+    # since Celery logs and ignores an Exception from a signal handler). Then ask for a
+    # reconcile pass over what the record changed just before this start (a crash, maybe).
+    ctx = WorkerContext.create(settings)
+    try:
+        check_eviction_policy(ctx.redis)
+        check_epoch(ctx)
+        latest = last_activity(ctx)
+    except UnsafeRedisConfig as exc:
+        log.critical("%s", exc)
+        raise SystemExit(f"batchbridge worker refuses to start: {exc}") from None
+    finally:
+        ctx.close()
+    since = (latest or utcnow()) - RECENT
+    wake(task_names.RECONCILE, since=since.isoformat(), scan_orphans=True)
 
 
 def wake(task: str, **kwargs: object) -> None:
@@ -103,13 +135,37 @@ def collect() -> int:
 
 @app.task(name=task_names.REAP)
 def reap() -> int:
-    """Return abandoned claims to their buffers."""
+    """Return abandoned claims to their buffers and remove crashed work's files."""
     ctx = context()
     with ctx.lease("reap") as mine:
         if not mine:
             return 0
-        reconcile_requeued_rows(ctx)
-        return reap_abandoned_claims(ctx)
+        return reaper_pass(ctx)
+
+
+@app.task(name=task_names.RECONCILE, bind=True, max_retries=30)
+def reconcile(self: Task, since: str | None = None, scan_orphans: bool = False) -> int:
+    """Repair, from the record, what a Redis that lost writes left behind; repairs made."""
+    ctx = context()
+    with ctx.lease("reconcile") as mine:
+        if not mine:
+            if since is None:
+                return 0  # a periodic pass: the one running covers it
+            raise self.retry(countdown=ctx.settings.lease_seconds)  # the start-up pass must run
+        check = check_epoch(ctx)
+        if check.replaced:
+            # Wiped or replaced: everything whose result could still be in Redis.
+            start = utcnow() - timedelta(seconds=ctx.settings.result_ttl_seconds)
+            scan_orphans = True
+        else:
+            start = datetime.fromisoformat(since) if since else utcnow() - RECENT
+        report = reconcile_with_record(ctx, since=start, scan_orphans=scan_orphans)
+        if check.replaced:
+            accept_epoch(ctx, check)
+    if report.requeued or report.orphans or report.given_back:
+        wake(task_names.AGGREGATE)
+        wake(task_names.COLLECT)
+    return report.repairs
 
 
 # Local jobs run beside the pool's tasks, a few at a time per process: run as tasks, slow

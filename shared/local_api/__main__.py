@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
         description=(
             "Serve a Together-compatible Batch API. The API key, if any, is read from "
             f"{API_KEY_ENV}; faults from BATCHBRIDGE_LOCAL_FAIL_RATE, _LINE_ERROR_RATE, "
-            "_EXPIRE_AFTER, _LINE_DELAY and _FAULT_SEED."
+            "_EXPIRE_AFTER, _LINE_DELAY, _LOST_ANSWER_RATE, _ANSWER_DELAY, _NOT_FOUND_WINDOW "
+            "and _FAULT_SEED."
         ),
     )
     parser.add_argument("--host", default="127.0.0.1")

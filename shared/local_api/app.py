@@ -54,6 +54,8 @@ def create_app(
     the server under another address than the one in their Host header.
     """
     store = LocalStore(root)
+    # One for the whole app: its clock starts the not_found_window, its seeded draws are shared.
+    call_faults = CallFaults(faults)
     executor = JobExecutor(store, get_engine(engine), faults=faults, concurrency=concurrency)
 
     @contextlib.asynccontextmanager
@@ -74,9 +76,9 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         *upload_routes(store, public_url=public_url),
         *file_routes(store),
-        *batch_routes(store, executor),
+        *batch_routes(store, executor, call_faults),
     ]
-    guard = Middleware(GuardMiddleware, api_key=api_key, call_faults=CallFaults(faults))
+    guard = Middleware(GuardMiddleware, api_key=api_key, call_faults=call_faults)
     return Starlette(
         routes=routes,
         middleware=[guard],

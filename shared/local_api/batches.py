@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from shared.local_api.errors import ApiError, json_response
 from shared.local_api.jobs import JobExecutor
+from shared.providers.local.faults import CallFaults, Faults
 from shared.providers.local.records import BatchJob
 from shared.providers.local.store import LocalStore, NotFound
 
@@ -23,8 +24,17 @@ CANCEL_WAIT_SECONDS = 2.0
 _CANCEL_POLL_SECONDS = 0.05
 
 
-def batch_routes(store: LocalStore, executor: JobExecutor) -> list[Route]:
-    """The batch routes over ``store``; created jobs run on ``executor``."""
+def batch_routes(
+    store: LocalStore,
+    executor: JobExecutor,
+    call_faults: CallFaults | None = None,
+) -> list[Route]:
+    """The batch routes over ``store``; created jobs run on ``executor``.
+
+    ``call_faults`` may lose a create's answer (``lost_answer_rate``) and hide jobs from
+    retrieve (``not_found_window``).
+    """
+    faults = call_faults or CallFaults(Faults())
 
     def get_job(job_id: str) -> BatchJob:
         try:
@@ -54,6 +64,10 @@ def batch_routes(store: LocalStore, executor: JobExecutor) -> list[Route]:
         except NotFound:
             raise ApiError(400, f"input file {input_file_id!r} not found") from None
         executor.submit(job.id)
+        lost = faults.draw_lost_answer()
+        if lost is not None:
+            # After the job was created and queued: the effect stands, only the answer is lost.
+            raise ApiError(lost.status_code, lost.message)
         return json_response({"job": job.to_together(), "warning": None}, status_code=201)
 
     def list_batches(request: Request) -> Response:
@@ -62,7 +76,12 @@ def batch_routes(store: LocalStore, executor: JobExecutor) -> list[Route]:
 
     def retrieve_batch(request: Request) -> Response:
         """GET /v1/batches/{id}: the bare BatchJob."""
-        return json_response(get_job(request.path_params["batch_id"]).to_together())
+        job_id = request.path_params["batch_id"]
+        if faults.hides_batches():
+            # Only retrieve: list and file calls keep working, so a caller can tell that the
+            # job still exists (and keeps running) behind the 404.
+            raise ApiError(404, f"batch job {job_id!r} not found (injected by not_found_window)")
+        return json_response(get_job(job_id).to_together())
 
     async def cancel_batch(request: Request) -> Response:
         """POST /v1/batches/{id}/cancel: the bare BatchJob; 400 if it already finished."""

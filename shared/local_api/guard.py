@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.local_api.errors import error_response
 from shared.providers.local.faults import CallFaults
@@ -14,7 +15,9 @@ class GuardMiddleware:
     """Refuses unauthenticated ``/v1/...`` calls (401) and fails a fraction of the rest.
 
     The upload PUT (authorised by its signed URL; the SDK never retries it) and ``/healthz``
-    are left alone. A refused call never reaches a route, so it changes nothing.
+    are left alone. A refused call never reaches a route, so it changes nothing. With
+    ``answer_delay``, every ``/v1/...`` answer (refusals too) is held back that long after
+    the call took effect.
     """
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, call_faults: CallFaults) -> None:
@@ -28,6 +31,9 @@ class GuardMiddleware:
         if scope["type"] != "http" or not (path == "/v1" or path.startswith("/v1/")):
             await self.app(scope, receive, send)
             return
+        delay = self._call_faults.faults.answer_delay
+        if delay > 0:
+            send = _late(send, delay)
         if not self._authorised(scope):
             response = error_response(
                 path, 401, "invalid or missing API key (send Authorization: Bearer <key>)"
@@ -57,3 +63,16 @@ class GuardMiddleware:
         # Constant time, so response timing does not leak how much of a guess was right.
         matches = hmac.compare_digest(token.strip(), self._key)
         return scheme.lower() == b"bearer" and matches
+
+
+def _late(send: Send, delay: float) -> Send:
+    """``send`` holding the response back ``delay`` seconds: the route has done its work by
+    the time it starts answering, so a client that gives up sooner misses a call that happened.
+    """
+
+    async def late_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            await asyncio.sleep(delay)
+        await send(message)
+
+    return late_send

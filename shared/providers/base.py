@@ -113,6 +113,10 @@ class BatchProvider(Protocol):
         """List the account's batch jobs (used to reconcile a create that may have happened)."""
         ...
 
+    def file_exists(self, file_id: str) -> bool:
+        """True if the provider still has this file; False on 404; ProviderError otherwise."""
+        ...
+
     def download_file(self, file_id: str, dest: Path) -> None:
         """Stream a file's content to ``dest`` without holding it in memory."""
         ...

@@ -25,11 +25,16 @@ def build_provider(
 
         # The BATCHBRIDGE_LOCAL_* fault knobs work in-process too, to rehearse failures.
         store = LocalStore(local_provider_root(settings))
-        return LocalProvider(store, dispatch=dispatch, faults=Faults.from_env())
+        return LocalProvider(
+            store,
+            dispatch=dispatch,
+            faults=Faults.from_env(),
+            timeout=settings.provider_timeout_seconds,
+        )
     if name == "together":
         from shared.providers.together import TogetherProvider
 
-        return TogetherProvider()
+        return TogetherProvider(timeout=settings.provider_timeout_seconds)
     raise UnknownProvider(f"provider must be one of {PROVIDER_NAMES} (got {name!r})")
 
 

@@ -25,7 +25,12 @@ _PERMANENT = frozenset({400, 401, 402, 403, 404, 422})
 
 
 class TogetherProvider:
-    """``BatchProvider`` for Together AI; honours ``TOGETHER_API_KEY`` and ``TOGETHER_BASE_URL``."""
+    """``BatchProvider`` for Together AI; honours ``TOGETHER_API_KEY`` and ``TOGETHER_BASE_URL``.
+
+    ``timeout`` (seconds) bounds every HTTP call, the create included (the SDK's
+    ``with_options`` keeps it); a call that runs out of it raises a retryable "timed out"
+    ProviderError.
+    """
 
     name = "together"
 
@@ -81,6 +86,17 @@ class TogetherProvider:
         with _mapped_errors("list batches"):
             return [to_provider_batch(job) for job in self._client.batches.list()]
 
+    def file_exists(self, file_id: str) -> bool:
+        """True if Together still has the file, False if it answers 404."""
+        try:
+            with _mapped_errors("retrieve file"):
+                self._client.files.retrieve(file_id)
+        except ProviderError as exc:
+            if exc.status_code == 404:
+                return False
+            raise
+        return True
+
     def download_file(self, file_id: str, dest: Path) -> None:
         """Stream a file's content to ``dest`` chunk by chunk (output files reach 100 MB)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +148,15 @@ def _mapped_errors(action: str) -> Iterator[None]:
             status_code=code,
             retry_after=_retry_after(exc.response.headers),
         ) from exc
-    except together.APIConnectionError as exc:  # includes timeouts
+    except (together.APITimeoutError, httpx.TimeoutException) as exc:
+        # Before APIConnectionError, its base class. The call may have taken effect: for a
+        # create, the caller must look for the job before creating another.
+        raise ProviderError(
+            f"Together {action} timed out: no answer within the client timeout "
+            "(the call may still have taken effect)",
+            retryable=True,
+        ) from exc
+    except together.APIConnectionError as exc:
         raise ProviderError(f"Together {action} failed: {exc}", retryable=True) from exc
     except FileNotFoundError as exc:
         raise ProviderError(f"Together {action} failed: {exc}", retryable=False) from exc

@@ -1,37 +1,74 @@
 -- Record requests and append each to its (provider, model) pending buffer, atomically.
 --
--- KEYS[1]  {p}:buffers             hash    buf -> bytes of JSONL waiting in that buffer
+-- KEYS[1]  {p}:buffers             hash    buf -> bytes waiting in that buffer (JSONL lines
+--                                          plus metadata)
 -- Keys built here (one Redis, not a cluster):
 --          {p}:req:{id}            hash    the request record (small fields: stays a listpack)
 --          {p}:bodies:{buf}        hash    request id -> body JSON, one hash per buffer: a
 --                                          single HSET per call stores a whole chunk
---          {p}:idem:{key}          string  idempotency key -> request id
+--          {p}:idem:{key}          string  idempotency key -> "{request id}/{digest}", the
+--                                          digest naming the request the key was used for
 --          {p}:pending:{buf}       zset    request ids scored by enqueue sequence (FIFO)
 --          {p}:seq                 string  the enqueue sequence counter
 -- ARGV[1]  key prefix ("{p}:")     ARGV[2] now (ms)     ARGV[3] idempotency TTL (s)
--- ARGV[4..] 7 values per request: id, buf, line size, idempotency key ('' for none),
---          body JSON, callback queue, metadata JSON
+-- ARGV[4..] 8 values per request: id, buf, size (line + metadata bytes), idempotency key
+--          ('' for none), body JSON, callback queue, metadata JSON, request digest
 -- Returns a flat array: number of buffers touched B, then B pairs (buf, count after), then
--- pairs (1-based request position, existing id) for requests whose idempotency key was taken.
+-- pairs (1-based request position, existing id) for requests whose idempotency key was taken
+-- by the identical request. If any key is taken by a different request (another digest),
+-- nothing at all is written and the reply is {-1, position, existing id} for the first one.
 local prefix, now, ttl = ARGV[1], ARGV[2], ARGV[3]
--- One sequence range per call keeps buffers first-in first-out even within a millisecond.
-local seq = redis.call('INCRBY', prefix .. 'seq', (#ARGV - 3) / 7) - (#ARGV - 3) / 7
+local n = (#ARGV - 3) / 8
+-- Pass 1 (reads only): what each idempotency key already stands for. A key first used
+-- earlier in this call stands for that request.
+local existing, first_use = {}, {}
+local position = 0
+for i = 4, #ARGV, 8 do
+  position = position + 1
+  local idem = ARGV[i + 3]
+  if idem ~= '' then
+    local digest = ARGV[i + 7]
+    local earlier = first_use[idem]
+    local held_id, held_digest
+    if earlier then
+      held_id, held_digest = earlier[1], earlier[2]
+    else
+      local value = redis.call('GET', prefix .. 'idem:' .. idem)
+      if value then
+        local sep = string.find(value, '/', 1, true)
+        -- A value without a digest (written before digests were kept) matches any request.
+        if sep then
+          held_id, held_digest = string.sub(value, 1, sep - 1), string.sub(value, sep + 1)
+        else
+          held_id, held_digest = value, digest
+        end
+      else
+        first_use[idem] = {ARGV[i], digest}
+      end
+    end
+    if held_id then
+      if held_digest ~= digest then return {-1, position, held_id} end
+      existing[position] = held_id
+    end
+  end
+end
+-- Pass 2: write. One sequence range per call keeps buffers first-in first-out even within a
+-- millisecond.
+local seq = redis.call('INCRBY', prefix .. 'seq', n) - n
 local by_buf, bodies_by_buf, bytes_by_buf, order = {}, {}, {}, {}
 local repeats = {}
-local position = 0
-for i = 4, #ARGV, 7 do
+position = 0
+for i = 4, #ARGV, 8 do
   position = position + 1
   local id, buf, size, idem = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local existing = false
-  if idem ~= '' then
-    local idem_key = prefix .. 'idem:' .. idem
-    existing = redis.call('GET', idem_key)
-    if not existing then redis.call('SET', idem_key, id, 'EX', ttl) end
-  end
-  if existing then
+  local held = existing[position]
+  if held then
     repeats[#repeats + 1] = position
-    repeats[#repeats + 1] = existing
+    repeats[#repeats + 1] = held
   else
+    if idem ~= '' then
+      redis.call('SET', prefix .. 'idem:' .. idem, id .. '/' .. ARGV[i + 7], 'EX', ttl)
+    end
     local req = prefix .. 'req:' .. id
     redis.call('HSET', req, 'state', 'pending', 'enq', now, 'seq', seq + position,
                'size', size, 'buf', buf)

@@ -1,0 +1,46 @@
+"""Working through due batches one at a time, each under its lease, each failure its own."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def each_batch(
+    ctx: WorkerContext,
+    items: Iterable[T],
+    batch_id: Callable[[T], str],
+    work: Callable[[T], bool],
+    on_error: Callable[[T, Exception], None],
+    *,
+    doing: str,
+) -> list[str]:
+    """Run ``work`` on each item whose batch lease we get; the ids for which it returned True.
+
+    An exception from one batch is logged and handed to ``on_error`` (which records it and
+    backs the batch off), so one bad batch never stalls the others; running out of task time
+    stops the loop, and the next beat carries on.
+    """
+    done = []
+    for item in items:
+        name = batch_id(item)
+        with ctx.lease(f"batch:{name}") as mine:
+            if not mine:
+                continue
+            try:
+                if work(item):
+                    done.append(name)
+            except SoftTimeLimitExceeded:
+                raise
+            except Exception as exc:
+                log.exception("%s batch %s failed unexpectedly", doing, name)
+                on_error(item, exc)
+    return done
