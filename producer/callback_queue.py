@@ -116,6 +116,20 @@ class CallbackQueue:
     def get(self, timeout: float | None = None) -> Delivery | None:
         """The next result, waiting up to ``timeout`` seconds (None waits for ever)."""
         self._ensure_group()
+        try:
+            return self._get(timeout)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        # Redis lost the stream or its group (a wipe, a restore, a failover): make it again
+        # and carry on, so results the reconciler delivers anew reach this consumer.
+        log.warning("callback queue %s: its consumer group was gone; created it again", self.name)
+        self._group_ready = False
+        self._cursor = _START
+        self._ensure_group()
+        return self._get(timeout)
+
+    def _get(self, timeout: float | None) -> Delivery | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             reclaimed = self._reclaim_one()

@@ -130,9 +130,18 @@ _CLIP = {"error": 4000, "provider_status": 64, "output_file_id": 128, "error_fil
 
 def _clipped(fields: dict[str, Any]) -> dict[str, Any]:
     return {
-        key: value[: _CLIP[key]] if key in _CLIP and isinstance(value, str) else value
+        key: _text(value)[: _CLIP.get(key, len(value))] if isinstance(value, str) else value
         for key, value in fields.items()
     }
+
+
+def sql_text(value: str | None) -> str | None:
+    """Text as every database stores it: PostgreSQL refuses NUL, which providers may echo."""
+    return None if value is None else _text(value)
+
+
+def _text(value: str) -> str:
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
 def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> int:
@@ -215,8 +224,8 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
         {
             "rid": r["id"],
             "new_state": r["state"],
-            "error_code": r["error_code"],
-            "error_message": r["error_message"],
+            "error_code": sql_text(r["error_code"]),
+            "error_message": sql_text(r["error_message"]),
             "prompt_tokens": r["prompt_tokens"],
             "completion_tokens": r["completion_tokens"],
             "finished_at": r["finished_at"],

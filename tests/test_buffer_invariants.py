@@ -21,6 +21,7 @@ from hypothesis.stateful import (
 from redis import Redis
 
 from producer import IdempotencyConflict, Producer
+from shared.db import finish_requests
 from shared.redis_layout import buffer_name
 from shared.schemas import DEFAULT_PROVIDER
 from tests.conftest import make_settings
@@ -109,6 +110,22 @@ class BufferMachine(RuleBasedStateMachine):
                 scripts.run("finish", [keys.buffers], args)
             if again:
                 scripts.run("requeue", [keys.buffers], [keys.base, batch_id, "1", *sorted(again)])
+        # And the record, as the collector keeps it (only a requeued row may be packed again).
+        outcome = {"error_code": None, "error_message": None, "finished_at": None}
+        rows = [
+            {
+                "id": request_id,
+                "state": "requeued" if request_id in again else "completed",
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "result": None,
+                **outcome,
+            }
+            for request_id in ids
+        ]
+        with self.ctx.session() as session:
+            finish_requests(session, batch_id, rows)
+            session.commit()
         self.finished.update(done)
 
     @invariant()

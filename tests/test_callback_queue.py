@@ -17,6 +17,7 @@ from producer import CallbackQueue, Producer
 from shared.redis_layout import CALLBACK_GROUP
 from shared.schemas import Result
 from shared.settings import Settings
+from tests.conftest import make_settings
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -262,3 +263,20 @@ def test_cli_says_when_a_queue_has_no_dead_letters(redis_url: str, tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert "no dead-lettered results in queue 'nosuch'" in done.stdout
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["total"] == 0
+
+
+def test_a_consumer_carries_on_after_redis_lost_its_group(
+    redis_url: str, redis_client: Redis, tmp_path: Path
+) -> None:
+    # Given a consumer that has read its queue once (so it knows its group exists)
+    settings = make_settings(redis_url, tmp_path)
+    queue = CallbackQueue("svc-wiped", settings=settings, client=redis_client)
+    assert queue.get(timeout=0.05) is None
+
+    # When Redis is wiped and a result is delivered anew (as the reconciler does)
+    redis_client.flushdb()
+    redis_client.xadd(queue.key, {"result": b'{"request_id":"r1","status":"failed"}'})
+
+    # Then the consumer makes its group again and gets the result
+    delivery = queue.get(timeout=1.0)
+    assert delivery is not None and delivery.result.request_id == "r1"

@@ -313,3 +313,25 @@ def test_a_requeued_request_cancelled_by_its_producer_keeps_that_result_too(
         row = session.get(Request, ids[0])
     assert row is not None and row.state == "cancelled"
     assert row.result is not None and row.result.encode() == raw
+
+
+def test_a_nul_in_a_provider_error_message_does_not_stall_the_batch(ctx: WorkerContext) -> None:
+    # Given an error line whose message holds U+0000 (PostgreSQL text cannot store it)
+    ids = submit(ctx)
+    out, _ = run_to_results(ctx)
+    lines = output_lines(out)
+    bad = {"custom_id": ids[0], "error": {"code": "invalid_request", "message": "bad: a\u0000b"}}
+    write_lines(out, [bad, *[lines[i] for i in ids[1:]]])
+
+    # When the batch is collected
+    collect(ctx)
+
+    # Then it finished, with every result delivered once and the message kept readable
+    with ctx.session() as session:
+        batch = session.exec(select(Batch)).one()
+        row = session.get(Request, ids[0])
+    assert batch.state == "finished"
+    assert row is not None and row.error_message == "bad: a\ufffdb"
+    assert {request_id: len(raw) for request_id, raw in stream(ctx).items()} == dict.fromkeys(
+        ids, 1
+    )

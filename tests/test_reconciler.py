@@ -402,3 +402,25 @@ def test_noeviction_passes(own_redis: RedisFactory) -> None:
     client = Redis.from_url(server.url)
     assert check_eviction_policy(client) == "noeviction"
     client.close()
+
+
+def test_a_result_whose_time_to_live_ran_out_is_not_delivered_again(ctx: WorkerContext) -> None:
+    # Given results delivered a while ago, whose Redis hashes then expired as designed
+    ctx.settings = ctx.settings.model_copy(update={"result_ttl_seconds": 60})
+    ids = submit(ctx, 3)
+    drive(ctx)
+    assert len(stream_results(ctx)) == 3
+    with ctx.session() as session:
+        for row in session.exec(select(Request)):
+            row.finished_at = utcnow() - timedelta(seconds=120)
+            session.add(row)
+        session.commit()
+    for request_id in ids:
+        ctx.redis.delete(ctx.keys.request(request_id))
+
+    # When the periodic pass runs
+    report = reconcile(ctx, since=since(ctx))
+
+    # Then nothing is restored or delivered again
+    assert report.restored == 0
+    assert len(stream_results(ctx)) == 3

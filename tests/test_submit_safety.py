@@ -32,7 +32,7 @@ from worker.backoff import backoff
 from worker.cli import app as cli
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
-from worker.lifecycle import fail_unsent_batch, submit_batch
+from worker.lifecycle import fail_unsent_batch, submit_batch, submit_ready_batches
 from worker.packing import pack_due_buffers
 from worker.polling import poll_due_batches
 
@@ -521,3 +521,129 @@ def test_completed_without_output_files_is_polled_again_then_sent_round_once(
     assert delivered(ctx) == []
     attempts = [int(ctx.redis.hget(ctx.keys.request(i), "attempts") or 0) for i in ids]
     assert attempts == [1] * len(ids)
+
+
+def test_a_create_that_took_effect_before_an_unexpected_error_gets_its_twin_cancelled(
+    ctx: WorkerContext,
+) -> None:
+    # Given a create that made its job but then failed with no provider error at all (an
+    # answer that could not be parsed; a worker killed or out of time behaves alike)
+    flaky = use(ctx)
+    ids = submit(ctx)
+    (packed,) = pack_due_buffers(ctx)
+    real = flaky.create_batch
+
+    def create_then_blow_up(input_file_id: str, *, model: str) -> ProviderBatch:
+        real(input_file_id, model=model)
+        raise RuntimeError("the answer could not be parsed")
+
+    flaky.create_batch = create_then_blow_up  # type: ignore[method-assign]
+    submit_ready_batches(ctx)
+    flaky.create_batch = real  # type: ignore[method-assign]
+
+    # When the list lags past the in-flight window, so a second create goes out
+    flaky.hide_from_list = 1
+    time.sleep(0.45)
+    make_due(ctx, packed.id)
+    assert submit_batch(ctx, packed.id) is True
+    assert flaky.creates == 2
+
+    # Then the batch watches for the first job, cancels it, and every request runs once
+    assert the_batch(ctx).duplicate_check_until is not None
+    make_due(ctx, packed.id)
+    poll_due_batches(ctx)
+    assert len(orjson.loads(the_batch(ctx).extra_jobs or "[]")) == 1
+    poll_and_collect(ctx, packed.id)
+    assert ids_per_completed_job(ctx) == Counter(dict.fromkeys(ids, 1))
+    assert sorted(r.request_id for r in delivered(ctx)) == sorted(ids)
+
+
+def test_a_permanent_refusal_after_an_ambiguous_create_holds_instead_of_failing(
+    ctx: WorkerContext,
+) -> None:
+    # Given a create that timed out (its job may exist), and a retry the provider refuses
+    # outright (say, "this file already has a batch")
+    flaky = use(ctx)
+    submit(ctx)
+    (packed,) = pack_due_buffers(ctx)
+
+    def timed_out(input_file_id: str, *, model: str) -> ProviderBatch:
+        raise ProviderError("create timed out", retryable=True)
+
+    def refused(input_file_id: str, *, model: str) -> ProviderBatch:
+        raise ProviderError("file already used", retryable=False, status_code=400)
+
+    flaky.create_batch = timed_out  # type: ignore[method-assign]
+    assert submit_batch(ctx, packed.id) is False
+    flaky.create_batch = refused  # type: ignore[method-assign]
+    time.sleep(0.45)
+    make_due(ctx, packed.id)
+    assert submit_batch(ctx, packed.id) is False
+
+    # Then the batch is held, its requests kept, not failed
+    batch = the_batch(ctx)
+    assert batch.state == BatchState.UPLOADED and batch.held_since is not None
+    assert "after an ambiguous create" in (batch.error or "")
+    collect_ready_batches(ctx)
+    assert delivered(ctx) == []
+
+
+def test_a_result_file_that_answers_404_once_is_fetched_again_not_rerun(
+    ctx: WorkerContext,
+) -> None:
+    # Given a finished job whose output file answers 404 on the first download (files can
+    # lag their job's status)
+    flaky = use(ctx)
+    ids = submit(ctx)
+    (packed,) = pack_due_buffers(ctx)
+    assert submit_batch(ctx, packed.id)
+    real = flaky.download_file
+    calls: list[str] = []
+
+    def download(file_id: str, dest: Path) -> None:
+        calls.append(file_id)
+        if len(calls) == 1:
+            raise ProviderError("file not found", retryable=False, status_code=404)
+        real(file_id, dest)
+
+    flaky.download_file = download  # type: ignore[method-assign]
+
+    # When it is polled and collected, then collected again after the backoff
+    poll_and_collect(ctx, packed.id)
+
+    # Then nothing went round again: every request completed once, from the one job
+    batch = the_batch(ctx)
+    assert (batch.completed_count, batch.requeued_count) == (10, 0)
+    assert (flaky.creates, len(flaky.store.list_jobs())) == (1, 1)
+    assert sorted(r.request_id for r in delivered(ctx)) == sorted(ids)
+
+
+def test_a_result_file_missing_past_the_grace_sends_its_requests_round_saying_why(
+    ctx: WorkerContext,
+) -> None:
+    # Given a finished job whose output file keeps answering 404, past the grace period
+    ctx.settings = ctx.settings.model_copy(update={"missing_output_grace_seconds": 0.2})
+    flaky = use(ctx)
+    submit(ctx)
+    (packed,) = pack_due_buffers(ctx)
+    assert submit_batch(ctx, packed.id)
+
+    def gone(file_id: str, dest: Path) -> None:
+        raise ProviderError("file not found", retryable=False, status_code=404)
+
+    flaky.download_file = gone  # type: ignore[method-assign]
+    run_local_jobs(ctx)
+    make_due(ctx, packed.id)
+    poll_due_batches(ctx)
+    collect_ready_batches(ctx)
+    assert the_batch(ctx).state == BatchState.COLLECTING  # within the grace: try again later
+
+    # When the grace has passed and it is collected again
+    time.sleep(0.25)
+    make_due(ctx, packed.id)
+    collect_ready_batches(ctx)
+
+    # Then its requests went round as not executed, and the batch says why
+    batch = the_batch(ctx)
+    assert (batch.state, batch.requeued_count) == ("finished", 10)
+    assert "could not be fetched" in (batch.error or "")

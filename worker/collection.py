@@ -18,6 +18,7 @@ import math
 import shutil
 import uuid
 from collections import defaultdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +115,7 @@ def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
             except ProviderError as exc:
                 if exc.status_code not in (404, 410):
                     raise  # retried with backoff; only a missing file means its results are gone
-                # The file is gone for good: its requests count as not executed (they go round
-                # again).
-                log.error(
-                    "batch %s: %s file %s cannot be fetched: %s", batch_id, name, file_id, exc
-                )
+                _file_gone_for_good(ctx, batch, name, file_id, exc)
                 continue
             for offset, outcome in read_result_lines(path, problems):
                 fan_out.add(outcome, (path, offset))
@@ -134,6 +131,38 @@ def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
     if batch.file_path:
         Path(batch.file_path).unlink(missing_ok=True)
     return True
+
+
+class ResultFileMissing(RuntimeError):
+    """A result file answers 404, but not yet for long enough to believe it."""
+
+
+def _file_gone_for_good(
+    ctx: WorkerContext, batch: Batch, name: str, file_id: str, exc: ProviderError
+) -> None:
+    """Raise ResultFileMissing (collect again later) until a 404 has lasted the grace period.
+
+    The provider ran these requests and may bill them: re-running them because of one 404 (a
+    file that lags its job's status, a brief outage, a key change) would pay twice. Only once
+    the file has been missing for ``MISSING_OUTPUT_GRACE_SECONDS`` do its requests count as
+    not executed (and go round again), and the batch says why.
+    """
+    now = utcnow()
+    since = batch.not_found_since or now
+    grace = timedelta(seconds=ctx.settings.missing_output_grace_seconds)
+    if now - since < grace:
+        if batch.not_found_since is None:
+            with ctx.session() as session:
+                update_batch(session, batch.id, not_found_since=since)
+                session.commit()
+        until = (since + grace).isoformat(timespec="seconds")
+        raise ResultFileMissing(f"{name} file {file_id} answers 404; trying again until {until}")
+    reason = f"{name} file {file_id} could not be fetched for {now - since}: {exc}"
+    log.error("batch %s: %s; its requests count as not executed", batch.id, reason)
+    batch.error = f"{batch.error}; {reason}" if batch.error else reason
+    with ctx.session() as session:
+        update_batch(session, batch.id, error=batch.error)
+        session.commit()
 
 
 def _missing_outcome(request_id: str, batch: Batch) -> LineOutcome:

@@ -130,7 +130,7 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
             submitted_at=now,
             create_started_at=None,
             held_since=None,
-            duplicate_check_until=now + duplicate_watch(ctx) if batch.ambiguous_creates else None,
+            duplicate_check_until=now + duplicate_watch(ctx) if _may_have_twin(batch) else None,
             next_poll_at=now + timedelta(seconds=ctx.settings.poll_interval_seconds),
             error=None,
         )
@@ -139,6 +139,11 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
         log.warning("batch %s: the provider answers again; submission resumed", batch_id)
     log.info("submitted batch %s as %s job %s", batch_id, batch.provider, job.id)
     return moved
+
+
+def _may_have_twin(batch: Batch) -> bool:
+    """Whether an earlier create of this batch may have made a job we have not seen."""
+    return batch.ambiguous_creates > 0
 
 
 class _CreateFailed(Exception):
@@ -172,6 +177,11 @@ def _create_once(ctx: WorkerContext, provider: BatchProvider, batch: Batch) -> P
         # Redis lost this batch's claim and another batch holds some of its requests now: a
         # create would bill them twice. The batch was given back unsent instead.
         return None
+    # An in-flight mark still set here means an earlier create's outcome was never recorded
+    # (its worker was killed, ran out of time, or hit an unexpected error): it may have made
+    # a job, so this create counts as a possible twin and the batch will watch for one.
+    if batch.create_started_at is not None and not batch.ambiguous_creates:
+        batch.ambiguous_creates = 1
     # The right to create is taken in SQL, so two workers can never both create.
     with ctx.session() as session:
         claimed = session.execute(
@@ -179,7 +189,11 @@ def _create_once(ctx: WorkerContext, provider: BatchProvider, batch: Batch) -> P
             .where(Batch.id == batch.id)  # type: ignore[arg-type]
             .where(Batch.state == BatchState.UPLOADED.value)  # type: ignore[arg-type]
             .where(Batch.submit_attempts == batch.submit_attempts)  # type: ignore[arg-type]
-            .values(submit_attempts=batch.submit_attempts + 1, create_started_at=now)
+            .values(
+                submit_attempts=batch.submit_attempts + 1,
+                create_started_at=now,
+                ambiguous_creates=batch.ambiguous_creates,
+            )
         )
         session.commit()
     if not claimed.rowcount:  # type: ignore[attr-defined]
@@ -249,6 +263,11 @@ def _record_submit_failure(
         fields["create_started_at"] = None
     if exc.status_code in _REFUSED or (exc.retryable and attempts >= _MAX_SUBMIT_ATTEMPTS):
         _hold(ctx, batch, str(exc), attempts, exc.retry_after, **fields)
+        return
+    if not exc.retryable and batch.ambiguous_creates:
+        # An earlier create may have made a job that is running (and billed) right now:
+        # failing the requests would throw its results away. Hold, and look for it again.
+        _hold(ctx, batch, f"{exc} (after an ambiguous create)", attempts, None, **fields)
         return
     with ctx.session() as session:
         if exc.retryable:
@@ -344,29 +363,31 @@ def fail_unsent_batch(ctx: WorkerContext, batch_id: str, *, force: bool = False)
     A batch whose create may have reached the provider is refused unless ``force``: its job
     could be running (and billed), and failing it would throw the results away.
     """
-    with ctx.session() as session:
-        batch = session.get(Batch, batch_id)
-    if batch is None:
-        raise NotFailable(f"no batch {batch_id!r}")
-    if batch.state not in (BatchState.PACKED, BatchState.UPLOADED):
-        raise NotFailable(
-            f"batch {batch_id} is {batch.state}: only a batch not yet submitted (packed or "
-            "uploaded) can be failed"
-        )
-    if batch.submit_attempts and batch.state == BatchState.UPLOADED and not force:
-        raise NotFailable(
-            f"batch {batch_id} has had {batch.submit_attempts} create attempt(s), which may have "
-            "created a provider job; check the provider and use --force to fail it anyway"
-        )
     with ctx.lease(f"batch:{batch_id}") as mine:
         if not mine:
             raise NotFailable(f"batch {batch_id} is being worked on right now; try again")
+        # Read under the lease, so no create can start (or end ambiguously) meanwhile.
+        with ctx.session() as session:
+            batch = session.get(Batch, batch_id)
+        if batch is None:
+            raise NotFailable(f"no batch {batch_id!r}")
+        if batch.state not in (BatchState.PACKED, BatchState.UPLOADED):
+            raise NotFailable(
+                f"batch {batch_id} is {batch.state}: only a batch not yet submitted (packed "
+                "or uploaded) can be failed"
+            )
+        if batch.submit_attempts and batch.state == BatchState.UPLOADED and not force:
+            raise NotFailable(
+                f"batch {batch_id} has had {batch.submit_attempts} create attempt(s), which may "
+                "have created a provider job; check the provider and use --force to fail it "
+                "anyway"
+            )
         with ctx.session() as session:
             moved = transition(
                 session,
                 batch_id,
                 BatchState.FAILED,
-                expect=[BatchState.PACKED, BatchState.UPLOADED],
+                expect=[BatchState(batch.state)],
                 outcome="failed",
                 next_poll_at=None,
                 error=f"failed by the operator; last error: {batch.error or 'none'}",

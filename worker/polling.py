@@ -199,10 +199,15 @@ def _not_found(
         )
     # Gone for good, as far as anyone can tell: make sure it cannot run (and bill) later.
     try:
-        provider.cancel_batch(batch.provider_batch_id)
+        answer = provider.cancel_batch(batch.provider_batch_id)
     except ProviderError as cancel_error:
         if cancel_error.status_code != 404:
             return keep_polling(f"job lost; cancelling it first failed: {cancel_error}")
+    else:
+        if answer.status.is_terminal and answer.status is not ProviderBatchStatus.CANCELLED:
+            # The provider knows the job after all (and it has finished): go by what it says.
+            log.warning("batch %s: job %s answers its cancel: %s", batch.id, answer.id, answer)
+            return answer
     log.error(
         "batch %s: job %s is lost; its requests go round again", batch.id, batch.provider_batch_id
     )

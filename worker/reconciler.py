@@ -181,12 +181,44 @@ def _repair_finished(ctx: WorkerContext, batch: Batch, report: ReconcileReport) 
             bodies = _bodies_exist(ctx, bufs)
             lost += [request_id for request_id in requeue if not bodies[request_id]]
             requeue = [request_id for request_id in requeue if bodies[request_id]]
+        hashless = [
+            request_id for request_id, st in zip(ids_of(rows), states, strict=True) if st[0] is None
+        ]
+        if hashless:
+            # A finished request's hash also vanishes when its result TTL runs out: only one
+            # that should still be there was lost (else every pass would deliver it again).
+            expired = _expired(ctx, hashless)
+            restore = [request_id for request_id in restore if request_id not in expired]
         if restore:
             report.restored += _restore_done(ctx, batch.id, restore)
         if requeue:
             report.requeued += _requeue(ctx, batch, requeue)
         if lost:
             report.lost += _fail_lost(ctx, batch, lost)
+
+
+def ids_of(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    """The request ids of rows from :func:`_request_chunks`."""
+    return [row[0] for row in rows]
+
+
+def _expired(ctx: WorkerContext, ids: list[str]) -> set[str]:
+    """Those of ``ids`` whose result's time to live in Redis has run out since they finished."""
+    cutoff = utcnow() - timedelta(seconds=ctx.settings.result_ttl_seconds)
+    with ctx.session() as session:
+        rows = session.exec(
+            select(Request.id, Request.finished_at).where(Request.id.in_(ids))  # type: ignore[attr-defined]
+        )
+        return {
+            request_id
+            for request_id, finished_at in rows
+            if finished_at is not None and _aware(finished_at) <= cutoff
+        }
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands datetimes back without their zone; they were written in UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _restore_done(ctx: WorkerContext, batch_id: str, ids: list[str]) -> int:
