@@ -111,6 +111,8 @@ def test_lost_create_answers_and_a_404_burst_neither_lose_nor_double_bill(
         "double_billed": 0,
         "unbilled": 0,
     }
+    # And no other job ran at all (a cancelled duplicate may have run, and billed, some lines)
+    assert {job.status for job in store.list_jobs()} == {JobStatus.COMPLETED}
     # And both faults really happened: creates answered 5xx, retrieves answered 404
     log = (tmp_path / "local-api-0.log").read_text()
     assert re.search(r'"POST /v1/batches HTTP/1.1" 50[024]', log)
