@@ -127,6 +127,15 @@ def worker_context(redis_url: str, tmp_path: Path, database_url: str) -> Iterato
         ctx.close()
 
 
+@pytest.fixture
+def ctx(worker_context: WorkerContext) -> WorkerContext:
+    """A worker context whose batches are small (10) and polled at once, for pipeline steps."""
+    worker_context.settings = worker_context.settings.model_copy(
+        update={"max_batch_requests": 10, "poll_interval_seconds": 0.01}
+    )
+    return worker_context
+
+
 def run_local_jobs(ctx: WorkerContext) -> None:
     """Run every local-provider job that is not finished, as the worker's task would."""
     provider = ctx.provider("local")

@@ -26,14 +26,6 @@ from worker.reaper import reconcile_requeued_rows
 MESSAGES = [{"role": "user", "content": "Is 'great value' positive?"}]
 
 
-@pytest.fixture
-def ctx(worker_context: WorkerContext) -> WorkerContext:
-    worker_context.settings = worker_context.settings.model_copy(
-        update={"max_batch_requests": 10, "poll_interval_seconds": 0.01}
-    )
-    return worker_context
-
-
 def submit(ctx: WorkerContext, n: int) -> list[str]:
     producer = Producer(settings=ctx.settings, client=ctx.redis)
     requests = [

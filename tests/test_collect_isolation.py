@@ -27,14 +27,6 @@ MESSAGES = [{"role": "user", "content": "Is 'great value' positive?"}]
 MAX_TOKENS = 2**31 - 1  # PostgreSQL integer: the record's token columns
 
 
-@pytest.fixture
-def ctx(worker_context: WorkerContext) -> WorkerContext:
-    worker_context.settings = worker_context.settings.model_copy(
-        update={"max_batch_requests": 10, "poll_interval_seconds": 0.01}
-    )
-    return worker_context
-
-
 def submit(ctx: WorkerContext, n: int = 10) -> list[str]:
     producer = Producer(settings=ctx.settings, client=ctx.redis)
     requests = [

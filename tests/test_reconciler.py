@@ -46,14 +46,6 @@ BUF = buffer_name(DEFAULT_PROVIDER, "m-a")  # requests naming no provider
 Snapshot = dict[bytes, tuple[bytes, int]]
 
 
-@pytest.fixture
-def ctx(worker_context: WorkerContext) -> WorkerContext:
-    worker_context.settings = worker_context.settings.model_copy(
-        update={"max_batch_requests": 10, "poll_interval_seconds": 0.01}
-    )
-    return worker_context
-
-
 def submit(ctx: WorkerContext, n: int) -> list[str]:
     producer = Producer(settings=ctx.settings, client=ctx.redis)
     requests = [
