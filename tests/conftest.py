@@ -17,6 +17,7 @@ import pytest
 from redis import Redis
 from sqlalchemy import create_engine, make_url, text
 
+from producer import Producer
 from shared.embedded_redis import EmbeddedRedis, child_environment, free_port
 from shared.providers.local import EchoEngine, LocalProvider, run_job
 from shared.settings import ENV_PREFIX, Settings
@@ -134,6 +135,24 @@ def ctx(worker_context: WorkerContext) -> WorkerContext:
         update={"max_batch_requests": 10, "poll_interval_seconds": 0.01}
     )
     return worker_context
+
+
+PIPELINE_MESSAGES = [{"role": "user", "content": "Is 'great value' positive?"}]
+
+
+def submit_requests(ctx: WorkerContext, n: int = 10) -> list[str]:
+    """Submit ``n`` requests for model m-a to callback queue ``svc``; their ids, in order."""
+    producer = Producer(settings=ctx.settings, client=ctx.redis)
+    requests = [
+        {
+            "model": "m-a",
+            "messages": PIPELINE_MESSAGES,
+            "callback_queue": "svc",
+            "metadata": {"i": i},
+        }
+        for i in range(n)
+    ]
+    return [h.id for h in producer.submit_many(requests)]
 
 
 def run_local_jobs(ctx: WorkerContext) -> None:

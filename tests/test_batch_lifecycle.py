@@ -15,6 +15,7 @@ from shared.providers.local import LocalProvider
 from shared.redis_layout import buffer_name
 from shared.schemas import DEFAULT_PROVIDER
 from tests.conftest import run_local_jobs
+from tests.conftest import submit_requests as submit
 from worker import collection
 from worker.collection import collect_batch, collect_ready_batches, parse_result_line
 from worker.context import WorkerContext
@@ -24,15 +25,6 @@ from worker.polling import poll_due_batches
 from worker.reaper import reconcile_requeued_rows
 
 MESSAGES = [{"role": "user", "content": "Is 'great value' positive?"}]
-
-
-def submit(ctx: WorkerContext, n: int) -> list[str]:
-    producer = Producer(settings=ctx.settings, client=ctx.redis)
-    requests = [
-        {"model": "m-a", "messages": MESSAGES, "callback_queue": "svc", "metadata": {"i": i}}
-        for i in range(n)
-    ]
-    return [h.id for h in producer.submit_many(requests)]
 
 
 def local(ctx: WorkerContext) -> LocalProvider:

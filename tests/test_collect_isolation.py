@@ -15,6 +15,7 @@ from producer import Producer, Result
 from shared.models import Batch, Request
 from shared.providers.local import LocalProvider
 from tests.conftest import run_local_jobs
+from tests.conftest import submit_requests as submit
 from worker import collection
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
@@ -25,15 +26,6 @@ from worker.reaper import reconcile_requeued_rows
 
 MESSAGES = [{"role": "user", "content": "Is 'great value' positive?"}]
 MAX_TOKENS = 2**31 - 1  # PostgreSQL integer: the record's token columns
-
-
-def submit(ctx: WorkerContext, n: int = 10) -> list[str]:
-    producer = Producer(settings=ctx.settings, client=ctx.redis)
-    requests = [
-        {"model": "m-a", "messages": MESSAGES, "callback_queue": "svc", "metadata": {"i": i}}
-        for i in range(n)
-    ]
-    return [h.id for h in producer.submit_many(requests)]
 
 
 def run_to_results(ctx: WorkerContext) -> tuple[Path, Path]:

@@ -23,6 +23,7 @@ from shared.providers.local import LocalProvider
 from shared.redis_layout import buffer_name
 from shared.schemas import DEFAULT_PROVIDER
 from tests.conftest import RedisFactory, run_local_jobs
+from tests.conftest import submit_requests as submit
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
 from worker.lifecycle import submit_ready_batches
@@ -44,15 +45,6 @@ from worker.redis_checks import (
 MESSAGES = [{"role": "user", "content": "Is 'great value' positive?"}]
 BUF = buffer_name(DEFAULT_PROVIDER, "m-a")  # requests naming no provider
 Snapshot = dict[bytes, tuple[bytes, int]]
-
-
-def submit(ctx: WorkerContext, n: int) -> list[str]:
-    producer = Producer(settings=ctx.settings, client=ctx.redis)
-    requests = [
-        {"model": "m-a", "messages": MESSAGES, "callback_queue": "svc", "metadata": {"i": i}}
-        for i in range(n)
-    ]
-    return [h.id for h in producer.submit_many(requests)]
 
 
 def snapshot(ctx: WorkerContext) -> Snapshot:

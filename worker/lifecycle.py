@@ -36,8 +36,6 @@ from worker.batch_loop import each_batch
 from worker.context import WorkerContext
 from worker.reconciler import batch_still_owns_requests
 
-__all__ = ["backoff", "fail_unsent_batch", "submit_batch", "submit_ready_batches"]
-
 log = logging.getLogger(__name__)
 # Retryable failures in a row before a batch is put on hold (it is retried all the same).
 _MAX_SUBMIT_ATTEMPTS = 10
@@ -130,7 +128,7 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
             submitted_at=now,
             create_started_at=None,
             held_since=None,
-            duplicate_check_until=now + duplicate_watch(ctx) if _may_have_twin(batch) else None,
+            duplicate_check_until=now + duplicate_watch(ctx) if batch.ambiguous_creates else None,
             next_poll_at=now + timedelta(seconds=ctx.settings.poll_interval_seconds),
             error=None,
         )
@@ -139,11 +137,6 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
         log.warning("batch %s: the provider answers again; submission resumed", batch_id)
     log.info("submitted batch %s as %s job %s", batch_id, batch.provider, job.id)
     return moved
-
-
-def _may_have_twin(batch: Batch) -> bool:
-    """Whether an earlier create of this batch may have made a job we have not seen."""
-    return batch.ambiguous_creates > 0
 
 
 class _CreateFailed(Exception):
@@ -207,10 +200,10 @@ def _create_once(ctx: WorkerContext, provider: BatchProvider, batch: Batch) -> P
 
 
 def find_unowned_job(
-    ctx: WorkerContext, provider: BatchProvider, batch: Batch, *, exclude: str | None = None
+    ctx: WorkerContext, provider: BatchProvider, batch: Batch
 ) -> ProviderBatch | None:
     """The oldest provider job over this batch's input file that no batch has recorded."""
-    jobs = unowned_jobs(ctx, provider, batch, exclude=exclude)
+    jobs = unowned_jobs(ctx, provider, batch)
     return jobs[0] if jobs else None
 
 

@@ -154,9 +154,7 @@ def last_activity(ctx: WorkerContext) -> datetime | None:
     """When the record last changed a batch (before a crash: about when it happened)."""
     with ctx.session() as session:
         latest: datetime | None = session.exec(select(func.max(Batch.updated_at))).one()
-    if latest is not None and latest.tzinfo is None:
-        latest = latest.replace(tzinfo=UTC)  # SQLite hands datetimes back without their zone
-    return latest
+    return None if latest is None else _aware(latest)
 
 
 # (a) and (b): finished batches.
@@ -165,9 +163,11 @@ def last_activity(ctx: WorkerContext) -> datetime | None:
 def _repair_finished(ctx: WorkerContext, batch: Batch, report: ReconcileReport) -> None:
     for rows in _request_chunks(ctx, batch.id):
         states = _redis_states(ctx, [r[0] for r in rows])
-        restore, requeue, lost = [], [], []
+        restore, requeue, lost, hashless = [], [], [], []
         bufs: dict[str, str] = {}
         for (request_id, state, _cbq), (r_state, r_batch, buf) in zip(rows, states, strict=True):
+            if r_state is None:
+                hashless.append(request_id)
             mine = r_state == "batched" and r_batch == batch.id
             if state in _FINAL and (r_state is None or mine or r_state == "pending"):
                 restore.append(request_id)
@@ -181,9 +181,6 @@ def _repair_finished(ctx: WorkerContext, batch: Batch, report: ReconcileReport) 
             bodies = _bodies_exist(ctx, bufs)
             lost += [request_id for request_id in requeue if not bodies[request_id]]
             requeue = [request_id for request_id in requeue if bodies[request_id]]
-        hashless = [
-            request_id for request_id, st in zip(ids_of(rows), states, strict=True) if st[0] is None
-        ]
         if hashless:
             # A finished request's hash also vanishes when its result TTL runs out: only one
             # that should still be there was lost (else every pass would deliver it again).
@@ -195,11 +192,6 @@ def _repair_finished(ctx: WorkerContext, batch: Batch, report: ReconcileReport) 
             report.requeued += _requeue(ctx, batch, requeue)
         if lost:
             report.lost += _fail_lost(ctx, batch, lost)
-
-
-def ids_of(rows: Sequence[tuple[str, ...]]) -> list[str]:
-    """The request ids of rows from :func:`_request_chunks`."""
-    return [row[0] for row in rows]
 
 
 def _expired(ctx: WorkerContext, ids: list[str]) -> set[str]:
