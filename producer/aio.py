@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -12,16 +13,20 @@ from redis.exceptions import ResponseError
 
 from producer.client import PartialSubmitError
 from producer.protocol import (
+    STATE_FIELDS,
+    CancelOutcome,
     RequestState,
     cancel_args,
     check_taken_keys,
     conflict_or_none,
     enqueue_args,
     keyed_requests,
+    read_cancel_reply,
     read_enqueue_reply,
     read_state,
     request_dict,
 )
+from producer.record import ResultRecord
 from producer.wakeup import AggregatorWaker
 from shared.embedded_redis import resolve_redis_url
 from shared.redis_layout import Keys, script_source
@@ -52,7 +57,8 @@ class AsyncProducer:
         self._client = Redis.from_url(self._url)
         self.keys = Keys(self.settings.key_prefix)
         self._enqueue = self._client.register_script(script_source("enqueue"))
-        self._finish = self._client.register_script(script_source("finish"))
+        self._cancel = self._client.register_script(script_source("cancel"))
+        self._record = ResultRecord(self.settings)
         self._waker: AggregatorWaker | None = None
 
     @classmethod
@@ -70,6 +76,7 @@ class AsyncProducer:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         provider: str | None = None,
+        webhook_url: str | None = None,
         **body_fields: Any,
     ) -> AsyncRequestHandle:
         """Validate one request and enqueue it in one round trip (errors as Producer.submit)."""
@@ -79,12 +86,17 @@ class AsyncProducer:
             "metadata": metadata,
             "idempotency_key": idempotency_key,
             "provider": provider,
+            "webhook_url": webhook_url,
         }
-        prepared = prepare_request(
+        prepare = functools.partial(
+            prepare_request,
             request_dict(model, messages, options, body_fields),
             max_line_bytes=self.settings.max_line_bytes,
             max_metadata_bytes=self.settings.max_metadata_bytes,
+            webhook_allow=self.settings.webhook_allow_cidrs,
         )
+        # The SSRF guard resolves a webhook URL's host: off the event loop.
+        prepared = await asyncio.to_thread(prepare) if webhook_url else prepare()
         try:
             return (await self._send([prepared]))[0]
         except IdempotencyConflict as exc:
@@ -97,11 +109,16 @@ class AsyncProducer:
         written, PartialSubmitError when a refused chunk leaves only some requests stored.
         """
         try:
-            prepared = prepare_many(
-                [r if type(r) is dict else dict(r) for r in requests],
+            plain = [r if type(r) is dict else dict(r) for r in requests]
+            prepare = functools.partial(
+                prepare_many,
+                plain,
                 max_line_bytes=self.settings.max_line_bytes,
                 max_metadata_bytes=self.settings.max_metadata_bytes,
+                webhook_allow=self.settings.webhook_allow_cidrs,
             )
+            with_webhook = any(r.get("webhook_url") for r in plain)
+            prepared = await asyncio.to_thread(prepare) if with_webhook else prepare()
             # One chunk is checked and stored atomically by the script; several need their
             # keys checked up front so that a conflict stores nothing.
             if len(prepared) > _CHUNK and (keyed := keyed_requests(prepared)):
@@ -125,24 +142,42 @@ class AsyncProducer:
         return handles
 
     async def cancel(self, request_id: str) -> bool:
-        """Cancel a request still waiting in its buffer."""
+        """Cancel a request in any state (see :meth:`Producer.cancel`)."""
+        return (await self.try_cancel(request_id)).will_be_cancelled
+
+    async def try_cancel(self, request_id: str) -> CancelOutcome:
+        """Cancel a request in any state, saying what happened."""
         meta = await self._client.hget(self.keys.request(request_id), "meta")
         args = cancel_args(self.keys, self.settings.result_ttl_seconds, request_id, meta)
-        return bool(await self._finish(keys=[self.keys.buffers], args=args))
+        outcome = read_cancel_reply(await self._cancel(keys=[self.keys.buffers], args=args))
+        if outcome.kind == "unknown":
+            recorded = await asyncio.to_thread(self._record.lookup, request_id)
+            if recorded is not None:
+                return CancelOutcome("finished", recorded.state)
+        return outcome
 
     async def state(self, request_id: str) -> RequestState:
-        """Where the request is now."""
-        reply = await self._client.hmget(self.keys.request(request_id), ["state", "outcome"])
-        return read_state(reply)
+        """Where the request is now (from the SQL record once Redis has let it go)."""
+        reply = await self._client.hmget(self.keys.request(request_id), STATE_FIELDS)
+        state = read_state(reply)
+        if state == "unknown":
+            recorded = await asyncio.to_thread(self._record.lookup, request_id)
+            if recorded is not None:
+                return recorded.state  # type: ignore[return-value]
+        return state
 
     async def result(self, request_id: str) -> Result | None:
-        """The request's result once it has one."""
+        """The request's result once it has one (from the SQL record after its Redis TTL)."""
         raw: Any = await self._client.hget(self.keys.request(request_id), "result")
-        return Result.from_json(raw) if raw else None
+        if raw:
+            return Result.from_json(raw)
+        recorded = await asyncio.to_thread(self._record.lookup, request_id)
+        return Result.from_json(recorded.result) if recorded and recorded.result else None
 
     async def aclose(self) -> None:
-        """Close the Redis connections."""
+        """Close the Redis connections (and the record's, if it was read)."""
         await self._client.aclose()
+        self._record.close()
 
     async def __aenter__(self) -> AsyncProducer:
         return self
@@ -180,7 +215,7 @@ class AsyncRequestHandle:
         self._producer = producer
 
     async def status(self) -> RequestState:
-        """``pending``, ``batched``, ``completed``, ``failed``, ``cancelled`` or ``unknown``."""
+        """pending, batched, cancelling, completed, failed, cancelled or unknown."""
         return await self._producer.state(self.id)
 
     async def result(self) -> Result | None:
@@ -200,7 +235,7 @@ class AsyncRequestHandle:
         return result
 
     async def cancel(self) -> bool:
-        """Cancel the request if it is still in its buffer."""
+        """Cancel the request (see :meth:`Producer.cancel`)."""
         return await self._producer.cancel(self.id)
 
     def __repr__(self) -> str:

@@ -11,16 +11,20 @@ from redis import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from producer.protocol import (
+    STATE_FIELDS,
+    CancelOutcome,
     RequestState,
     cancel_args,
     check_taken_keys,
     conflict_or_none,
     enqueue_args,
     keyed_requests,
+    read_cancel_reply,
     read_enqueue_reply,
     read_state,
     request_dict,
 )
+from producer.record import ResultRecord
 from producer.wakeup import AggregatorWaker
 from shared.embedded_redis import resolve_redis_url
 from shared.redis_layout import Keys, Scripts
@@ -63,6 +67,8 @@ class Producer:
         self._waker = AggregatorWaker(self._client, self.keys, url)
         self._max_line = self.settings.max_line_bytes
         self._max_metadata = self.settings.max_metadata_bytes
+        self._webhook_allow = self.settings.webhook_allow_cidrs
+        self._record = ResultRecord(self.settings)
 
     @classmethod
     def from_env(cls) -> Producer:
@@ -84,12 +90,14 @@ class Producer:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         provider: str | None = None,
+        webhook_url: str | None = None,
         **body_fields: Any,
     ) -> RequestHandle:
         """Validate one request and enqueue it in one round trip; returns its handle.
 
         Raises InvalidRequest naming the field and the rule (IdempotencyConflict when the key
-        was used for a different request), having stored nothing.
+        was used for a different request), having stored nothing. A ``webhook_url`` receives
+        the terminal result as a signed POST; it must pass the SSRF guard.
         """
         options = {
             "max_tokens": max_tokens,
@@ -97,10 +105,14 @@ class Producer:
             "metadata": metadata,
             "idempotency_key": idempotency_key,
             "provider": provider,
+            "webhook_url": webhook_url,
         }
         request = request_dict(model, messages, options, body_fields)
         prepared = prepare_request(
-            request, max_line_bytes=self._max_line, max_metadata_bytes=self._max_metadata
+            request,
+            max_line_bytes=self._max_line,
+            max_metadata_bytes=self._max_metadata,
+            webhook_allow=self._webhook_allow,
         )
         reply = self._scripts.run("enqueue", [self.keys.buffers], self._args([prepared]))
         try:
@@ -122,6 +134,7 @@ class Producer:
                 [r if type(r) is dict else dict(r) for r in requests],
                 max_line_bytes=self._max_line,
                 max_metadata_bytes=self._max_metadata,
+                webhook_allow=self._webhook_allow,
             )
             chunks = [prepared[i : i + _CHUNK] for i in range(0, len(prepared), _CHUNK)]
             # One chunk is checked and stored atomically by the script; several need their
@@ -189,23 +202,43 @@ class Producer:
         return [reply for _, reply in sorted(replies, key=lambda pair: pair[0])]
 
     def cancel(self, request_id: str) -> bool:
-        """Cancel a request still waiting in its buffer; False if it is already batched or done."""
+        """Cancel a request in any state; True if its one outcome is or will be ``cancelled``.
+
+        A request still in its buffer is cancelled at once. One already in a batch is marked:
+        its result is discarded when the batch ends and it is reported cancelled (the
+        provider may still bill it). False when it had already finished, or is unknown.
+        """
+        return self.try_cancel(request_id).will_be_cancelled
+
+    def try_cancel(self, request_id: str) -> CancelOutcome:
+        """Cancel a request in any state, saying what happened (see :meth:`cancel`)."""
         meta = self._client.hget(self.keys.request(request_id), "meta")
         args = cancel_args(self.keys, self.settings.result_ttl_seconds, request_id, meta)
-        return bool(self._scripts.run("finish", [self.keys.buffers], args))
+        outcome = read_cancel_reply(self._scripts.run("cancel", [self.keys.buffers], args))
+        if outcome.kind == "unknown" and (recorded := self._record.lookup(request_id)):
+            # Redis let go of it (its result expired): the record knows how it ended.
+            return CancelOutcome("finished", recorded.state)
+        return outcome
 
     def state(self, request_id: str) -> RequestState:
-        """Where the request is now."""
-        return read_state(self._client.hmget(self.keys.request(request_id), ["state", "outcome"]))
+        """Where the request is now (from the SQL record once Redis has let it go)."""
+        state = read_state(self._client.hmget(self.keys.request(request_id), STATE_FIELDS))
+        if state == "unknown" and (recorded := self._record.lookup(request_id)):
+            return recorded.state  # type: ignore[return-value]
+        return state
 
     def result(self, request_id: str) -> Result | None:
-        """The request's result once it has one."""
+        """The request's result once it has one (from the SQL record after its Redis TTL)."""
         raw: Any = self._client.hget(self.keys.request(request_id), "result")
-        return Result.from_json(raw) if raw else None
+        if raw:
+            return Result.from_json(raw)
+        recorded = self._record.lookup(request_id)
+        return Result.from_json(recorded.result) if recorded and recorded.result else None
 
     def close(self) -> None:
-        """Close the Redis connections."""
+        """Close the Redis connections (and the record's, if it was read)."""
         self._client.close()
+        self._record.close()
 
     def __enter__(self) -> Producer:
         return self
@@ -257,7 +290,7 @@ class RequestHandle:
         self._producer = producer
 
     def status(self) -> RequestState:
-        """``pending``, ``batched``, ``completed``, ``failed``, ``cancelled`` or ``unknown``."""
+        """pending, batched, cancelling, completed, failed, cancelled or unknown."""
         return self._producer.state(self.id)
 
     def result(self) -> Result | None:
@@ -280,7 +313,7 @@ class RequestHandle:
             delay = min(delay * 1.5, 0.5)
 
     def cancel(self) -> bool:
-        """Cancel the request if it is still in its buffer."""
+        """Cancel the request (see :meth:`Producer.cancel`)."""
         return self._producer.cancel(self.id)
 
     def __repr__(self) -> str:

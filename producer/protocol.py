@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import orjson
 
@@ -16,7 +16,14 @@ from shared.schemas import (
     idempotency_conflict,
 )
 
-RequestState = Literal["pending", "batched", "completed", "failed", "cancelled", "unknown"]
+RequestState = Literal[
+    "pending", "batched", "cancelling", "completed", "failed", "cancelled", "unknown"
+]
+# What a cancel did: finished it now ("cancelled"), marked it so that whatever ends its
+# batch ends it cancelled ("marked"), nothing because it had finished ("finished"), or nothing
+# because no such request is known ("unknown").
+CancelKind = Literal["cancelled", "marked", "finished", "unknown"]
+CANCEL_MESSAGE = "cancelled by the producer"
 
 
 def request_dict(
@@ -45,6 +52,7 @@ def enqueue_args(keys: Keys, idempotency_ttl: int, prepared: list[PreparedReques
             p.callback_queue,
             p.metadata,
             p.digest,
+            p.webhook_url,
         )
     return args
 
@@ -101,23 +109,50 @@ def conflict_or_none(failure: Exception | None, stored: int) -> IdempotencyConfl
     return None
 
 
-def cancel_args(keys: Keys, result_ttl: int, request_id: str, metadata: Any) -> list[Any]:
-    """ARGV for ``finish.lua`` cancelling a request still in its buffer.
+class CancelOutcome(NamedTuple):
+    """What :meth:`Producer.try_cancel` did, and the outcome a finished request already had."""
 
-    ``metadata`` is the request's stored ``meta`` field (JSON bytes, or None).
+    kind: CancelKind
+    outcome: str | None = None
+
+    @property
+    def will_be_cancelled(self) -> bool:
+        """True when the request's one outcome is (or will be) ``cancelled``."""
+        return self.kind in ("cancelled", "marked")
+
+
+def cancel_args(keys: Keys, result_ttl: int, request_id: str, metadata: Any) -> list[Any]:
+    """ARGV for ``cancel.lua``.
+
+    ``metadata`` is the request's stored ``meta`` field (JSON bytes, or None). The result is
+    delivered now if the request is still in its buffer, or kept with the request and
+    delivered when its batch ends (the collector then sends a fuller one when it can).
     """
     result = Result(
         request_id=request_id,
         status="cancelled",
-        error=ErrorInfo(code="cancelled", message="cancelled by the producer"),
+        error=ErrorInfo(code="cancelled", message=CANCEL_MESSAGE),
         metadata=orjson.loads(metadata) if metadata else None,
     )
-    return [keys.base, result_ttl, "", request_id, "cancelled", result.to_json()]
+    return [keys.base, result_ttl, request_id, result.to_json()]
+
+
+def read_cancel_reply(reply: Any) -> CancelOutcome:
+    """``cancel.lua``'s reply as a CancelOutcome."""
+    kind = cast(CancelKind, text(reply[0]))
+    return CancelOutcome(kind, text(reply[1]) if len(reply) > 1 and reply[1] else None)
+
+
+STATE_FIELDS = ["state", "outcome", "cx"]
 
 
 def read_state(reply: Any) -> RequestState:
-    """A request's state from ``HMGET state outcome``."""
-    state, outcome = reply
+    """A request's state from ``HMGET`` of :data:`STATE_FIELDS`."""
+    state, outcome, cancel_mark = reply
     if state is None:
         return "unknown"
-    return cast(RequestState, text(outcome if state == b"done" else state))
+    if state == b"done":
+        return cast(RequestState, text(outcome))
+    if state == b"batched" and cancel_mark:
+        return "cancelling"
+    return cast(RequestState, text(state))

@@ -15,12 +15,19 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import Session, SQLModel, create_engine, select
 
-from shared.models import BATCH_TRANSITIONS, Batch, BatchState, Request, RequestState, utcnow
+from shared.models import (
+    Batch,
+    BatchState,
+    IllegalTransition,
+    Request,
+    RequestState,
+    check_batch_transition,
+    check_request_transition,
+    utcnow,
+)
 from shared.settings import Settings
 
-
-class IllegalTransition(RuntimeError):
-    """A batch was asked to move between states the state machine does not connect."""
+__all__ = ["IllegalTransition"]
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -104,8 +111,7 @@ def transition(
     """
     expected = list(expect)
     for state in expected:
-        if to not in BATCH_TRANSITIONS[state]:
-            raise IllegalTransition(f"batch state {state} cannot become {to}")
+        check_batch_transition(state, to)
     result = session.execute(
         update(Batch)
         .where(Batch.id == batch_id)  # type: ignore[arg-type]
@@ -204,6 +210,8 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
     """
     if not rows:
         return
+    for state in {r["state"] for r in rows}:
+        check_request_transition(RequestState.BATCHED, state)
     table = Request.__table__  # type: ignore[attr-defined]
     stmt = (
         update(table)

@@ -41,13 +41,54 @@ BATCH_TRANSITIONS: dict[BatchState, frozenset[BatchState]] = {
 
 
 class RequestState(enum.StrEnum):
-    """A packed request's state in the record."""
+    """A request's state in the record; see ``REQUEST_TRANSITIONS`` for the legal moves.
+
+    A request gets a row when it is packed (``batched``), or when it is cancelled before it
+    ever was (then straight ``cancelled``, recorded from Redis by the reaper).
+    """
 
     BATCHED = "batched"
     REQUEUED = "requeued"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+TERMINAL_REQUEST_STATES = frozenset(
+    {RequestState.COMPLETED, RequestState.FAILED, RequestState.CANCELLED}
+)
+REQUEST_TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
+    # Its batch's result arrived (or the batch failed), or a retryable failure sent it round.
+    RequestState.BATCHED: frozenset({*TERMINAL_REQUEST_STATES, RequestState.REQUEUED}),
+    # Packed into its next batch, cancelled or failed while it waited in the buffer again.
+    RequestState.REQUEUED: frozenset(
+        {RequestState.BATCHED, RequestState.CANCELLED, RequestState.FAILED}
+    ),
+    RequestState.COMPLETED: frozenset(),
+    RequestState.FAILED: frozenset(),
+    RequestState.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A batch or request was asked to move between states its state machine does not link."""
+
+
+def check_request_transition(source: RequestState | str, target: RequestState | str) -> None:
+    """Raise IllegalTransition unless a request may go from ``source`` to ``target``."""
+    if RequestState(target) not in REQUEST_TRANSITIONS[RequestState(source)]:
+        raise IllegalTransition(f"request state {source} cannot become {target}")
+
+
+def request_sources(target: RequestState | str) -> list[str]:
+    """The states a request may reach ``target`` from (the WHERE of a conditional UPDATE)."""
+    return [s.value for s, targets in REQUEST_TRANSITIONS.items() if target in targets]
+
+
+def check_batch_transition(source: BatchState | str, target: BatchState | str) -> None:
+    """Raise IllegalTransition unless a batch may go from ``source`` to ``target``."""
+    if BatchState(target) not in BATCH_TRANSITIONS[BatchState(source)]:
+        raise IllegalTransition(f"batch state {source} cannot become {target}")
 
 
 class Batch(SQLModel, table=True):
@@ -95,6 +136,10 @@ class Batch(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     submitted_at: datetime | None = None
+    # An operator asked to cancel the batch (``batchbridge batches cancel``) since then; mode
+    # "cancel" cancels its unfinished requests, "requeue" sends them round again.
+    cancel_requested_at: datetime | None = None
+    cancel_mode: str | None = Field(default=None, max_length=16)
     # When a worker should next look at this batch: submit retry or poll, by state.
     next_poll_at: datetime | None = Field(default=None, index=True)
     finished_at: datetime | None = None
@@ -113,6 +158,7 @@ class Request(SQLModel, table=True):
     state: str = Field(max_length=16)
     attempts: int = 1
     callback_queue: str = Field(default="", max_length=128)
+    webhook_url: str = Field(default="", max_length=2048)
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, sa_type=Text)
     prompt_tokens: int = 0
@@ -134,3 +180,50 @@ class RedisEpoch(SQLModel, table=True):
     key_prefix: str = Field(primary_key=True, max_length=32)
     epoch: str = Field(max_length=64)
     seen_at: datetime = Field(default_factory=utcnow)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """The one webhook event of a request's terminal outcome, and how its delivery went.
+
+    The id is the Standard Webhooks ``webhook-id`` (``msg_{request id}``): the same on every
+    attempt and every replay, so a receiver that deduplicates on it processes it once.
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    id: str = Field(primary_key=True, max_length=80)
+    request_id: str = Field(index=True, max_length=64)
+    url: str = Field(max_length=2048)
+    event_type: str = Field(max_length=32)
+    body: str = Field(sa_type=Text)  # exactly the bytes signed and sent
+    state: str = Field(index=True, max_length=16)  # pending, delivered, dead
+    attempts: int = 0
+    last_status: int | None = None
+    last_error: str | None = Field(default=None, sa_type=Text)
+    next_attempt_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = Field(default=None, index=True)
+
+
+class WebhookAttempt(SQLModel, table=True):
+    """One HTTP attempt at a webhook delivery."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: str = Field(index=True, max_length=80)
+    attempt: int
+    at: datetime = Field(default_factory=utcnow)
+    status_code: int | None = None
+    latency_ms: int = 0
+    error: str | None = Field(default=None, sa_type=Text)
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """An endpoint that answered 410 Gone: nothing more is sent to it until it is enabled."""
+
+    __tablename__ = "webhook_endpoints"
+
+    url: str = Field(primary_key=True, max_length=2048)
+    disabled_at: datetime = Field(default_factory=utcnow)
+    reason: str = Field(default="", sa_type=Text)

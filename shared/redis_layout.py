@@ -2,7 +2,9 @@
 
 Every key starts with the configured prefix (default ``bb``):
 
-``{p}:req:{id}``            hash    request: state, buf, enq (ms), seq, size, cbq, meta, batch ...
+``{p}:req:{id}``            hash    request: state, buf, enq (ms), seq, size, cbq, wh (webhook
+                                    URL), meta, batch, cx (set once cancelled while batched:
+                                    the cancelled Result to deliver) ...
 ``{p}:bodies:{buf}``        hash    request id -> body JSON, until the request has an outcome
 ``{p}:idem:{key}``          string  idempotency key -> "{request id}/{request digest}" (expires)
 ``{p}:pending:{buf}``       zset    the pending buffer of one (provider, model), by enqueue seq
@@ -14,6 +16,12 @@ Every key starts with the configured prefix (default ``bb``):
 ``{p}:cb:{queue}``          stream  a callback queue (consumer group ``consumers``)
 ``{p}:cbdead:{queue}``      stream  results of that queue delivered too often without an ack:
                                     id, request_id, deliveries, reason, result
+``{p}:wh:{id}``             hash    a webhook delivery waiting to be sent: url, type (outcome),
+                                    result (JSON), at (ms, the event's time), attempts
+``{p}:whq``                 zset    webhook deliveries by when they are due (ms); a delivery
+                                    being sent is pushed into the future while it is in flight
+``{p}:torecord``            list    ids of requests finished outside any batch (cancelled in
+                                    their buffer) that the reaper has yet to record in SQL
 ``{p}:lock:{name}``         string  short leases that keep periodic work single-flight
 ``{p}:wake:{buf}``          string  debounces aggregator wake-ups sent by producers
 ``{p}:epoch``               string  random id of this Redis dataset; SQL remembers it, so a
@@ -21,6 +29,10 @@ Every key starts with the configured prefix (default ``bb``):
 
 A request's state in Redis moves ``pending -> batched -> done``; ``batched -> pending`` when a
 claim is abandoned or a retryable failure sends it round again; ``pending -> done`` on cancel.
+Every move to ``done`` is made by ``_terminal.lua`` (prepended to the scripts that finish a
+request), which puts the result on the callback stream and in the webhook outbox in the same
+step: that is what makes each delivery happen once. A request cancelled while ``batched``
+keeps its state and gains ``cx``; whatever then ends its batch ends it ``cancelled``.
 ``buf`` is ``"{provider}:{model}"``; provider names never contain a colon. A request that
 names no provider waits in ``"default:{model}"``; the packer sends it to the worker's
 default provider.
@@ -36,6 +48,19 @@ from redis import Redis
 from redis.commands.core import Script
 
 CALLBACK_GROUP = "consumers"
+# A request's states in Redis and the scripts that move it (the Lua checks the source state
+# and skips a request found elsewhere, which is what makes every step safe to repeat).
+# "cancelling" is "batched" with the cx mark; "done" is final (until the hash expires).
+LIVE_TRANSITIONS: dict[str, dict[str, str]] = {
+    "pending": {"batched": "claim, reclaim_batch", "done": "cancel, restore_done"},
+    "batched": {
+        "pending": "unclaim, requeue",
+        "cancelling": "cancel",
+        "done": "finish, restore_done",
+    },
+    "cancelling": {"done": "finish, requeue, unclaim (ending cancelled)"},
+    "done": {},
+}
 _SCRIPT_NAMES = (
     "enqueue",
     "claim",
@@ -47,7 +72,13 @@ _SCRIPT_NAMES = (
     "reclaim_callback",
     "restore_done",
     "reclaim_batch",
+    "cancel",
+    "claim_webhooks",
+    "settle_webhook",
 )
+# Scripts that give requests their terminal outcome share one Lua function for it.
+_TERMINAL_LIB = "_terminal"
+_USES_TERMINAL = frozenset({"finish", "requeue", "unclaim", "restore_done", "cancel"})
 
 
 def buffer_name(provider: str, model: str) -> str:
@@ -122,6 +153,20 @@ class Keys:
         """Debounce marker for aggregator wake-ups of one buffer."""
         return f"{self.prefix}:wake:{buf}"
 
+    def webhook(self, delivery_id: str) -> str:
+        """Hash of one webhook delivery waiting in the outbox."""
+        return f"{self.prefix}:wh:{delivery_id}"
+
+    @property
+    def webhook_queue(self) -> str:
+        """Sorted set of webhook deliveries by due time (ms)."""
+        return f"{self.prefix}:whq"
+
+    @property
+    def to_record(self) -> str:
+        """List of requests finished outside a batch, to be recorded in SQL."""
+        return f"{self.prefix}:torecord"
+
     @property
     def epoch(self) -> str:
         """The random id naming this Redis dataset."""
@@ -129,8 +174,12 @@ class Keys:
 
 
 def script_source(name: str) -> str:
-    """The text of one Lua script from ``shared/redis_scripts``."""
-    return (resources.files("shared") / "redis_scripts" / f"{name}.lua").read_text("utf-8")
+    """The text of one Lua script from ``shared/redis_scripts`` (with the library it uses)."""
+    folder = resources.files("shared") / "redis_scripts"
+    source = (folder / f"{name}.lua").read_text("utf-8")
+    if name in _USES_TERMINAL:
+        source = (folder / f"{_TERMINAL_LIB}.lua").read_text("utf-8") + "\n" + source
+    return source
 
 
 class Scripts:

@@ -7,6 +7,8 @@ import hashlib
 import math
 import os
 import re
+from collections.abc import Sequence
+from ipaddress import IPv4Network, IPv6Network
 from typing import Annotated, Any, Literal, NamedTuple, NotRequired
 
 import orjson
@@ -125,13 +127,14 @@ class _RequestFields(TypedDict):
     idempotency_key: NotRequired[Annotated[str, Field(pattern=_ID_PATTERN)] | None]
     provider: NotRequired[Literal["local", "together"] | None]
     metadata: NotRequired[dict[str, Any] | None]
+    webhook_url: NotRequired[Annotated[str, Field(min_length=1, max_length=2048)] | None]
 
 
 _validate_many = TypeAdapter(list[_RequestFields]).validate_python
 # Producer options: stored beside the body, never sent to the provider.
 _NOT_IN_BATCH = frozenset({"stream"})
 # Producer options: stored beside the body.
-_OPTIONS = frozenset({"callback_queue", "idempotency_key", "provider", "metadata"})
+_OPTIONS = frozenset({"callback_queue", "idempotency_key", "provider", "metadata", "webhook_url"})
 # Keys that mean a request needs more than "serialise it as it is".
 _OPTIONS_AND_CHECKS = _OPTIONS | _NOT_IN_BATCH
 
@@ -142,7 +145,8 @@ class PreparedRequest(NamedTuple):
     A NamedTuple rather than a dataclass: submit_many builds one per request on its hot path.
     ``line_bytes`` is what the request weighs against the line and batch byte limits: its
     JSONL line plus its metadata, which every result carries back. ``digest`` identifies the
-    request behind an idempotency key ('' without one).
+    request behind an idempotency key ('' without one). ``webhook_url`` has passed the SSRF
+    guard ('' for none).
     """
 
     id: str
@@ -154,6 +158,7 @@ class PreparedRequest(NamedTuple):
     idempotency_key: str
     line_bytes: int
     digest: str
+    webhook_url: str = ""
 
 
 def new_request_ids(n: int) -> list[str]:
@@ -163,9 +168,16 @@ def new_request_ids(n: int) -> list[str]:
 
 
 def prepare_many(
-    requests: list[dict[str, Any]], *, max_line_bytes: int, max_metadata_bytes: int
+    requests: list[dict[str, Any]],
+    *,
+    max_line_bytes: int,
+    max_metadata_bytes: int,
+    webhook_allow: Sequence[IPv4Network | IPv6Network] = (),
 ) -> list[PreparedRequest]:
     """Validate and serialise requests, or raise InvalidRequest naming ``[i].field``.
+
+    A ``webhook_url`` must pass the SSRF guard (``shared.webhook_urls``): its host is resolved
+    and every address must be globally routable or inside ``webhook_allow``.
 
     Everything the enqueue script is sent is encoded here, before anything is written, so an
     encoding error can never leave part of a submit_many stored.
@@ -185,11 +197,16 @@ def prepare_many(
     for i, body in enumerate(requests):
         callback_queue = idempotency_key = provider = None
         metadata = b""
+        webhook_url = ""
         if not _OPTIONS_AND_CHECKS.isdisjoint(body) or body.get("max_tokens", 1) is None:
             options = checked[i]
             callback_queue = options.get("callback_queue")
             idempotency_key = options.get("idempotency_key")
             provider = options.get("provider")
+            if options.get("webhook_url"):
+                webhook_url = _checked_webhook_url(
+                    options["webhook_url"], f"[{i}].webhook_url", webhook_allow
+                )
             raw_metadata = body.get("metadata")
             body = {k: v for k, v in body.items() if k not in _OPTIONS}
             if "max_tokens" in body and body["max_tokens"] is None:
@@ -218,7 +235,7 @@ def prepare_many(
         callback_queue = callback_queue or ""
         digest = ""
         if idempotency_key:
-            digest = request_digest(provider, callback_queue, encoded, metadata)
+            digest = request_digest(provider, callback_queue, encoded, metadata, webhook_url)
             first = keys_used.setdefault(idempotency_key, (i, digest))
             if first[1] != digest:
                 raise IdempotencyConflict(
@@ -237,18 +254,33 @@ def prepare_many(
                 idempotency_key or "",
                 line_bytes,
                 digest,
+                webhook_url,
             )
         )
     return prepared
 
 
+def _checked_webhook_url(url: str, field: str, allow: Sequence[IPv4Network | IPv6Network]) -> str:
+    # Imported here: only requests with a webhook pay for the guard (and its DNS lookup).
+    from shared.webhook_urls import check_webhook_url
+
+    return check_webhook_url(url, allow, field=field)
+
+
 def prepare_request(
-    request: dict[str, Any], *, max_line_bytes: int, max_metadata_bytes: int
+    request: dict[str, Any],
+    *,
+    max_line_bytes: int,
+    max_metadata_bytes: int,
+    webhook_allow: Sequence[IPv4Network | IPv6Network] = (),
 ) -> PreparedRequest:
     """Validate and serialise one request, or raise InvalidRequest naming the field."""
     try:
         return prepare_many(
-            [request], max_line_bytes=max_line_bytes, max_metadata_bytes=max_metadata_bytes
+            [request],
+            max_line_bytes=max_line_bytes,
+            max_metadata_bytes=max_metadata_bytes,
+            webhook_allow=webhook_allow,
         )[0]
     except InvalidRequest as exc:
         raise exc.with_field(single_field(exc.field)) from None
@@ -259,11 +291,17 @@ def single_field(field: str) -> str:
     return field.removeprefix("[0]").lstrip(".")
 
 
-def request_digest(provider: str, callback_queue: str, body: bytes, metadata: bytes) -> str:
+def request_digest(
+    provider: str, callback_queue: str, body: bytes, metadata: bytes, webhook_url: str = ""
+) -> str:
     """What an idempotency key is bound to: everything that makes the request what it is."""
-    # NUL cannot occur inside any part (JSON escapes it; names are pattern-checked), so
-    # joining on it is unambiguous.
-    parts = b"\0".join((provider.encode(), callback_queue.encode(), body, metadata))
+    # NUL cannot occur inside any part (JSON escapes it; names are pattern-checked, URLs
+    # refuse control characters), so joining on it is unambiguous. The webhook joins only
+    # when given, so digests of requests without one are those earlier versions stored.
+    fields = [provider.encode(), callback_queue.encode(), body, metadata]
+    if webhook_url:
+        fields.append(webhook_url.encode())
+    parts = b"\0".join(fields)
     return hashlib.blake2b(parts, digest_size=16).hexdigest()
 
 
@@ -272,7 +310,8 @@ def idempotency_conflict(field: str, existing_id: str) -> IdempotencyConflict:
     return IdempotencyConflict(
         field,
         f"was already used for a different request ({existing_id}); reuse a key only to retry "
-        "the identical request (same provider, model, body fields, callback_queue and metadata)",
+        "the identical request (same provider, model, body fields, callback_queue, webhook_url "
+        "and metadata)",
     )
 
 

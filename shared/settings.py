@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.limits import TOGETHER_MAX_BATCH_BYTES, TOGETHER_MAX_BATCH_REQUESTS
 
 ENV_PREFIX = "BATCHBRIDGE_"
 
 ProviderName = Literal["local", "together"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Standard Webhooks: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+DEFAULT_WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+_SECRET_SPLIT = re.compile(r"[\s,]+")
 
 
 class SettingsError(ValueError):
@@ -69,11 +77,70 @@ class Settings(BaseSettings):
     # (the default) up to about one second of writes on an OS crash or power loss.
     redis_appendfsync: Literal["always", "everysec"] = "everysec"
 
+    # Webhooks (worker side: the producer only stores the URL). Several secrets, separated by
+    # spaces or commas, are all used to sign during a rotation.
+    webhook_secret: SecretStr | None = None
+    # URL prefix -> secret(s), as JSON; the longest matching prefix wins over webhook_secret.
+    webhook_endpoint_secrets: dict[str, SecretStr] = Field(default_factory=dict)
+    webhook_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    # Seconds before each attempt, the first counted from the result (comma-separated).
+    webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = DEFAULT_WEBHOOK_RETRY_SCHEDULE
+    # Private ranges webhooks may reach anyway (comma-separated CIDRs; local development).
+    webhook_allow_cidrs: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
+    webhook_concurrency: int = Field(default=32, ge=1, le=1024)
+    webhook_endpoint_concurrency: int = Field(default=4, ge=1, le=1024)
+    webhook_interval_seconds: float = Field(default=1.0, gt=0)
+    # Finished requests, batches and webhook deliveries older than this are pruned from SQL
+    # by the reaper; 0 keeps them for ever.
+    sql_retention_days: float = Field(default=30.0, ge=0)
+    # Keep uploaded input and downloaded result files at the provider after collection.
+    keep_provider_files: bool = False
+
     visibility_timeout_seconds: int = Field(default=3600, ge=10)
     task_time_limit_seconds: int = Field(default=600, ge=5)
     worker_concurrency: int = Field(default=2, ge=1, le=256)
 
     local_engine: Literal["echo"] = "echo"
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [p for p in value.replace(" ", "").split(",") if p]
+            if not parts:
+                raise ValueError("must list at least one delay in seconds, e.g. 0,5,300")
+            return tuple(parts)
+        return value
+
+    @field_validator("webhook_retry_schedule", mode="after")
+    @classmethod
+    def _schedule_is_sane(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(d < 0 or d > 7 * 86_400 for d in value):
+            raise ValueError("every delay must be between 0 and 604800 seconds")
+        return value
+
+    @field_validator("webhook_allow_cidrs", mode="before")
+    @classmethod
+    def _split_cidrs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(p for p in value.replace(" ", "").split(",") if p)
+        return value
+
+    @field_validator("webhook_secret", mode="after")
+    @classmethod
+    def _secret_is_whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            webhook_keys(value)
+        return value
+
+    @field_validator("webhook_endpoint_secrets", mode="after")
+    @classmethod
+    def _endpoint_secrets_are_whsec(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for prefix, secret in value.items():
+            if not prefix.startswith(("http://", "https://")):
+                raise ValueError(f"key {prefix!r} must be a URL prefix (http:// or https://)")
+            webhook_keys(secret)
+        return value
 
     @model_validator(mode="after")
     def _task_limits_fit_visibility(self) -> Settings:
@@ -110,14 +177,36 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.data_dir / 'batchbridge.sqlite3'}"
 
 
+def webhook_keys(secret: SecretStr) -> list[bytes]:
+    """The signing keys in a ``whsec_<base64>`` secret (several, space/comma-separated).
+
+    Raises ValueError (never showing the secret) when one is malformed.
+    """
+    keys = []
+    for part in _SECRET_SPLIT.split(secret.get_secret_value().strip()):
+        if not part.startswith("whsec_"):
+            raise ValueError("each secret must look like whsec_<base64> (Standard Webhooks)")
+        try:
+            key = base64.b64decode(part.removeprefix("whsec_"), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("the part after whsec_ must be base64") from None
+        if not 24 <= len(key) <= 64:
+            raise ValueError("a secret must hold 24 to 64 bytes (32 recommended)")
+        keys.append(key)
+    return keys
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """Render a settings ValidationError as one line per bad variable."""
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) if err["loc"] else ""
         if field:
-            name = f"{ENV_PREFIX}{field.upper()}"
-            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+            name = f"{ENV_PREFIX}{str(err['loc'][0]).upper()}"
+            if "secret" in name.lower():
+                lines.append(f"{name}: {err['msg']} (value not shown: it is a secret)")
+            else:
+                lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
         else:
             lines.append(str(err["msg"]).removeprefix("Value error, "))
     return "invalid settings: " + "; ".join(lines)

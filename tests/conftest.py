@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from redis import Redis
 from sqlalchemy import create_engine, make_url, text
 
@@ -105,9 +107,38 @@ def private_postgres_database(server_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as the ``BATCHBRIDGE_*`` variables a child process would read them from."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, tuple | list):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            if not value:
+                continue
+            value = json.dumps(
+                {
+                    k: v.get_secret_value() if isinstance(v, SecretStr) else v
+                    for k, v in value.items()
+                }
+            )
+        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+    env[f"{ENV_PREFIX}DATABASE_URL"] = settings.sqlalchemy_url
+    return env
+
+
 def make_settings(redis_url: str, data_dir: Path, **overrides: object) -> Settings:
     """Settings for a test, isolated in ``data_dir``."""
-    base: dict[str, object] = {"redis_url": redis_url, "data_dir": data_dir, "provider": "local"}
+    # The provider's files are kept: the ledgers of many tests count billed requests from the
+    # input files of the provider's jobs. Tests of deleting them turn this off.
+    base: dict[str, object] = {
+        "redis_url": redis_url,
+        "data_dir": data_dir,
+        "provider": "local",
+        "keep_provider_files": True,
+    }
     base.update(overrides)
     return Settings.load(**base)
 
@@ -175,9 +206,7 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     def start(settings: Settings, **env_overrides: str) -> WorkerProcess:
         assert settings.redis_url is not None
         env = child_environment(settings, settings.redis_url)
-        for name, value in settings.model_dump(exclude_none=True).items():
-            env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
-        env[f"{ENV_PREFIX}DATABASE_URL"] = settings.sqlalchemy_url
+        env.update(settings_env(settings))
         env.update(env_overrides)
         n = len(started)
         process = WorkerProcess(

@@ -79,9 +79,12 @@ class BufferMachine(RuleBasedStateMachine):
         if not self.ids:
             return
         request_id = data.draw(st.sampled_from(sorted(self.ids)))
-        was_pending = self.producer.state(request_id) == "pending"
-        assert self.producer.cancel(request_id) is was_pending
-        if was_pending:
+        before = self.producer.state(request_id)
+        cancelled = self.producer.cancel(request_id)
+        # Buffered: removed at once. In a batch: marked, reported cancelled when the batch
+        # finishes (so it is finished then, with the rest). Finished: nothing to cancel.
+        assert cancelled is (before not in ("completed", "failed", "cancelled"))
+        if before == "pending":
             self.finished.add(request_id)
 
     @rule(model=st.sampled_from(MODELS), force=st.booleans())
@@ -109,7 +112,9 @@ class BufferMachine(RuleBasedStateMachine):
             if done:
                 scripts.run("finish", [keys.buffers], args)
             if again:
-                scripts.run("requeue", [keys.buffers], [keys.base, batch_id, "1", *sorted(again)])
+                scripts.run(
+                    "requeue", [keys.buffers], [keys.base, batch_id, "1", 60, *sorted(again)]
+                )
         # And the record, as the collector keeps it (only a requeued row may be packed again).
         outcome = {"error_code": None, "error_message": None, "finished_at": None}
         rows = [

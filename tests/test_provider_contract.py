@@ -100,6 +100,13 @@ class SdkWorkflow:
             for chunk in response.iter_bytes():
                 out.write(chunk)
 
+    def delete_file(self, file_id: str) -> None:
+        # What a user cleaning up writes: a file that is already gone is not an error.
+        try:
+            self.client.files.delete(file_id)
+        except together.NotFoundError:
+            return
+
 
 def from_sdk(job: SdkBatchJob) -> ProviderBatch:
     """The SDK's BatchJob in the assertions' terms (a KeyError on an unexpected status)."""
@@ -569,6 +576,7 @@ def test_fail_rate_1_fails_every_call_retryably_and_changes_nothing(
         "list": provider.list_batches,
         "file_exists": lambda: provider.file_exists(file_id),
         "download": lambda: provider.download_file(file_id, target.workdir / "out.jsonl"),
+        "delete_file": lambda: provider.delete_file(file_id),
     }
 
     # When each operation is called, then it fails with a retryable 429 or 500
@@ -851,6 +859,54 @@ def test_file_exists_is_true_for_a_stored_file_and_false_once_it_is_gone(
     # And once the provider has deleted the file, it is not there any more
     target.store.delete_file(file_id)
     assert target.provider.file_exists(file_id) is False
+
+
+def test_a_deleted_file_is_gone_and_deleting_again_or_an_unknown_id_is_fine(
+    make_target: TargetFactory,
+) -> None:
+    # Given a finished batch: its input, output and error files all at the provider
+    target = make_target()
+    inputs = requests(10)
+    inputs[3]["body"]["messages"] = []  # so the error file has a line too
+    batch = finished(target, submit(target, inputs))
+    output_id, error_id = batch.output_file_id, batch.error_file_id
+    assert output_id is not None and error_id is not None
+    file_ids = [batch.input_file_id, output_id, error_id]
+    assert [target.provider.file_exists(f) for f in file_ids] == [True, True, True]
+
+    # When each is deleted
+    for file_id in file_ids:
+        target.provider.delete_file(file_id)
+
+    # Then none exists any more, for the provider nor on disk
+    assert [target.provider.file_exists(f) for f in file_ids] == [False, False, False]
+    assert target.store.list_files() == []
+    assert list((target.store.root / "files").iterdir()) == []
+    # And downloading one fails for good with a 404
+    dest = target.workdir / "gone.jsonl"
+    assert refused(target, lambda: target.provider.download_file(output_id, dest)) == (False, 404)
+    # And deleting one again, or an id never issued, or a malformed one, is fine
+    target.provider.delete_file(output_id)
+    target.provider.delete_file("file-5b5dc7a5-b96d-4d30-945d-6a98c53db070")
+    target.provider.delete_file("not-a-file-id")
+    # And the batch itself is still there to be retrieved
+    assert target.provider.get_batch(batch.id).status is ProviderBatchStatus.COMPLETED
+
+
+def test_deleting_one_file_leaves_the_others(make_target: TargetFactory) -> None:
+    # Given two uploaded files
+    target = make_target()
+    keep, drop = (
+        target.provider.upload_file(write_jsonl(target.workdir / f"in-{n}.jsonl", requests(3)))
+        for n in range(2)
+    )
+
+    # When one is deleted
+    target.provider.delete_file(drop)
+
+    # Then only that one is gone; the other still downloads whole
+    assert (target.provider.file_exists(keep), target.provider.file_exists(drop)) == (True, False)
+    assert custom_ids(download(target, keep)) == custom_ids(requests(3))
 
 
 # 9: statuses

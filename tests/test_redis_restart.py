@@ -11,8 +11,8 @@ from redis import Redis
 
 from producer import Producer
 from shared.embedded_redis import EmbeddedRedis, child_environment
-from shared.settings import ENV_PREFIX, Settings
-from tests.conftest import RedisFactory, make_settings
+from shared.settings import Settings
+from tests.conftest import RedisFactory, make_settings, settings_env
 from worker.app import create_app
 from worker.processes import WorkerProcess
 
@@ -40,9 +40,7 @@ def start_probed_worker(
 ) -> WorkerProcess:
     assert settings.redis_url is not None
     env = child_environment(settings, settings.redis_url)
-    for name, value in settings.model_dump(exclude_none=True).items():
-        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
-    env[f"{ENV_PREFIX}DATABASE_URL"] = settings.sqlalchemy_url
+    env.update(settings_env(settings))
     worker = WorkerProcess(
         env,
         log_path=log_path,

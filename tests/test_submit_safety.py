@@ -26,8 +26,7 @@ from shared.models import Batch, BatchState, utcnow
 from shared.providers.base import ProviderBatch, ProviderError
 from shared.providers.local import Faults, LocalProvider
 from shared.providers.local.records import JobStatus
-from shared.settings import ENV_PREFIX
-from tests.conftest import run_local_jobs
+from tests.conftest import run_local_jobs, settings_env
 from worker.backoff import backoff
 from worker.cli import app as cli
 from worker.collection import collect_ready_batches
@@ -470,9 +469,8 @@ def test_batches_fail_cli_refuses_a_submitted_batch_and_fails_a_held_one(
     assert submit_batch(ctx, sent.id)
     submit(ctx)
     (held,) = pack_due_buffers(ctx)
-    for name, value in ctx.settings.model_dump(exclude_none=True).items():
-        monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", str(value))
-    monkeypatch.setenv(f"{ENV_PREFIX}DATABASE_URL", ctx.settings.sqlalchemy_url)
+    for name, value in settings_env(ctx.settings).items():
+        monkeypatch.setenv(name, value)
     runner = CliRunner()
 
     # When the operator fails each, then the submitted one is refused, changing nothing

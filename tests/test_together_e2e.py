@@ -15,7 +15,7 @@ from producer import CallbackQueue, Producer, Result
 from shared.db import make_engine
 from shared.models import Batch, BatchState
 from shared.settings import Settings
-from tests.conftest import LocalApiFactory, WorkerFactory, make_settings
+from tests.conftest import LocalApiFactory, WorkerFactory, make_settings, settings_env
 from worker.cli import app as cli
 
 FAST = {
@@ -146,9 +146,8 @@ def test_a_wrong_api_key_holds_the_requests_until_the_operator_gives_up(
     assert results == {}
 
     # And when the operator gives up on them, every request fails once, saying so
-    for name, value in settings.model_dump(exclude_none=True).items():
-        monkeypatch.setenv(f"BATCHBRIDGE_{name.upper()}", str(value))
-    monkeypatch.setenv("BATCHBRIDGE_DATABASE_URL", settings.sqlalchemy_url)
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
     for batch in held:
         outcome = CliRunner().invoke(cli, ["batches", "fail", batch.id])
         assert outcome.exit_code == 0, outcome.output

@@ -65,6 +65,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "reap": entry(task_names.REAP, settings.reap_interval_seconds),
         "reconcile": entry(task_names.RECONCILE, settings.reap_interval_seconds),
         "local-sweep": entry(task_names.LOCAL_SWEEP, 30.0),
+        "webhooks": entry(task_names.WEBHOOKS, settings.webhook_interval_seconds),
     }
 
 

@@ -57,7 +57,7 @@ def abandon_claim(ctx: WorkerContext, batch_id: str) -> int:
     returned = ctx.scripts.run(
         "unclaim",
         [ctx.keys.claim_ids(batch_id), ctx.keys.claim(batch_id), ctx.keys.claims, ctx.keys.buffers],
-        [ctx.keys.base, batch_id],
+        [ctx.keys.base, batch_id, ctx.settings.result_ttl_seconds],
     )
     log.warning("abandoned claim %s: %d requests back to %s", batch_id, returned, buf)
     return int(returned)

@@ -20,6 +20,7 @@ from shared.embedded_redis import (
     embedded_redis_dir,
 )
 from shared.settings import Settings, SettingsError
+from worker import cli_requests, cli_webhooks
 from worker.processes import GaveUp, Supervised, Supervisor, WorkerProcess
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -187,6 +188,9 @@ def submit(
     wait: Annotated[bool, typer.Option(help="wait for the result and print it")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait")] = 600.0,
     callback_queue: Annotated[str | None, typer.Option(help="callback queue")] = None,
+    webhook_url: Annotated[
+        str | None, typer.Option(help="POST the signed result to this URL")
+    ] = None,
 ) -> None:
     """Submit one request; print its id (and, with --wait, its result)."""
     from producer import InvalidRequest, Producer
@@ -199,6 +203,7 @@ def submit(
             [{"role": "user", "content": prompt}],
             max_tokens=max_tokens,
             callback_queue=callback_queue,
+            webhook_url=webhook_url,
         )
     except (InvalidRequest, RedisUnavailable) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
@@ -389,6 +394,11 @@ def batches_fail(
     )
 
 
+app.command("cancel")(cli_requests.cancel)
+app.command("result")(cli_requests.result)
+batches_app.command("cancel")(cli_requests.batches_cancel)
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -397,3 +407,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+app.add_typer(cli_webhooks.app, name="webhooks")

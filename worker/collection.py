@@ -31,9 +31,19 @@ from shared.models import Batch, BatchState, Request, RequestState, utcnow
 from shared.providers.base import ProviderError
 from shared.schemas import ErrorInfo, Result
 from worker.backoff import backoff
+from worker.batch_cancel import REQUEUED
 from worker.batch_loop import each_batch
+from worker.cancellation import (
+    CANCELLED_IN_BATCH,
+    cancelled_pairs,
+    cancelled_result,
+    cancelled_row,
+    requeue_or_cancel,
+)
 from worker.context import WorkerContext
+from worker.provider_files import delete_provider_files
 from worker.result_lines import (
+    REQUEUED_CODE,
     RETRYABLE_CODES,
     LineOutcome,
     LineProblems,
@@ -130,6 +140,9 @@ def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
     _finish_batch(ctx, batch, problems)
     if batch.file_path:
         Path(batch.file_path).unlink(missing_ok=True)
+    # After FINISHED is recorded: a crash before this leaves files at the provider, never a
+    # batch whose results were deleted before they were read.
+    delete_provider_files(ctx, batch)
     return True
 
 
@@ -172,6 +185,11 @@ def _missing_outcome(request_id: str, batch: Batch) -> LineOutcome:
     if batch.outcome == "unsent":
         error = ErrorInfo(code="batch_unsent", message=batch.error or "the batch was not sent")
         return LineOutcome(request_id, "failed", error=error)
+    if batch.outcome == REQUEUED:
+        message = "the operator cancelled the batch before this request ran; sent round again"
+        return LineOutcome(
+            request_id, "failed", error=ErrorInfo(code=REQUEUED_CODE, message=message)
+        )
     if batch.outcome == "lost":
         error = ErrorInfo(code="batch_lost", message=batch.error or "the provider lost the batch")
         return LineOutcome(request_id, "failed", error=error)
@@ -248,31 +266,62 @@ class _FanOut:
             return
         ctx, keys = self.ctx, self.ctx.keys
         max_attempts = ctx.settings.max_attempts
-        retry: list[LineOutcome] = []
-        ready: list[LineOutcome] = []
-        unsent = self.batch.outcome == "unsent"
+        # Nor does a batch the operator cancelled to send its requests round again.
+        unsent = self.batch.outcome in ("unsent", REQUEUED)
+        fields = ctx.redis.pipeline(transaction=False)
         for o in chunk:
-            again = o.retryable and (unsent or self.attempts[o.request_id] < max_attempts)
-            (retry if again else ready).append(o)
-        metas = ctx.redis.pipeline(transaction=False)
-        for o in ready:
-            metas.hget(keys.request(o.request_id), "meta")
+            fields.hmget(keys.request(o.request_id), ["meta", "cx"])
+        retry: list[LineOutcome] = []
+        ready: list[tuple[LineOutcome, bytes | None, bool]] = []
+        for o, (meta, cancel_mark) in zip(chunk, fields.execute(), strict=True):
+            if cancel_mark:
+                ready.append((o, meta, True))  # cancelled while batched: never sent round
+            elif o.retryable and (unsent or self.attempts[o.request_id] < max_attempts):
+                retry.append(o)
+            else:
+                ready.append((o, meta, False))
         args: list[Any] = [keys.base, ctx.settings.result_ttl_seconds, self.batch.id]
         final: list[tuple[LineOutcome, bytes, object]] = []
-        for o, meta in zip(ready, metas.execute(), strict=True):
+        for o, meta, cancelled in ready:
             # A request failed for its encoding still used (and cost) the provider's tokens.
             usage = (o.response or {}).get("usage")
-            o, result = self._encoded(o, meta)
+            if cancelled:
+                o, result = self._cancelled(o, meta, usage)
+            else:
+                o, result = self._encoded(o, meta)
             final.append((o, result, usage))
             args += [o.request_id, o.status, result]
+        # A cancel that lands between the read above and the script is applied by the script,
+        # which then reports the result it delivered instead.
+        instead: dict[str, str] = {}
         if final:
-            ctx.scripts.run("finish", [keys.buffers], args)
+            instead = cancelled_pairs(ctx.scripts.run("finish", [keys.buffers], args))
         if retry:
-            ids = [o.request_id for o in retry]
             # A batch that never reached the provider costs its requests no attempt.
-            counts = "0" if self.batch.outcome == "unsent" else "1"
-            ctx.scripts.run("requeue", [keys.buffers], [keys.base, self.batch.id, counts, *ids])
-        self._record(final, retry)
+            _, gone = requeue_or_cancel(
+                ctx, self.batch.id, [o.request_id for o in retry], counts=not unsent
+            )
+            retry = [o for o in retry if o.request_id not in gone]
+        self._record(final, retry, instead)
+
+    def _cancelled(
+        self, o: LineOutcome, meta: bytes | None, usage: object
+    ) -> tuple[LineOutcome, bytes]:
+        error = ErrorInfo(code="cancelled", message=CANCELLED_IN_BATCH)
+        outcome = LineOutcome(o.request_id, "cancelled", error=error)
+        try:
+            metadata = orjson.loads(meta) if meta else None
+        except orjson.JSONDecodeError:
+            metadata = None
+        result = cancelled_result(
+            o.request_id,
+            batch_id=self.batch.id,
+            attempts=self.attempts[o.request_id],
+            metadata=metadata,
+            # What the provider reports it used: it may bill this request all the same.
+            usage=usage if isinstance(usage, dict) else None,
+        )
+        return outcome, result.to_json()
 
     def _encoded(self, o: LineOutcome, meta: bytes | None) -> tuple[LineOutcome, bytes]:
         # Anything about one result that cannot be encoded (metadata or a response nested
@@ -308,11 +357,17 @@ class _FanOut:
         )
 
     def _record(
-        self, final: list[tuple[LineOutcome, bytes, object]], retry: list[LineOutcome]
+        self,
+        final: list[tuple[LineOutcome, bytes, object]],
+        retry: list[LineOutcome],
+        instead: dict[str, str],
     ) -> None:
         now = utcnow()
         rows = []
         for o, result, usage in final:
+            if o.request_id in instead:
+                rows.append(cancelled_row(o.request_id, instead[o.request_id]))
+                continue
             rows.append(
                 {
                     "id": o.request_id,

@@ -32,6 +32,7 @@ from shared.db import due_for_submit, transition, update_batch
 from shared.models import Batch, BatchState, utcnow
 from shared.providers.base import BatchProvider, ProviderBatch, ProviderError
 from worker.backoff import CEILING_SECONDS, backoff
+from worker.batch_cancel import cancel_unsent
 from worker.batch_loop import each_batch
 from worker.context import WorkerContext
 from worker.reconciler import batch_still_owns_requests
@@ -80,6 +81,9 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
     with ctx.session() as session:
         batch = session.get(Batch, batch_id)
     if batch is None or batch.state not in (BatchState.PACKED, BatchState.UPLOADED):
+        return False
+    if batch.cancel_requested_at is not None and batch.create_started_at is None:
+        cancel_unsent(ctx, batch)  # no create can have made a job: nothing to send
         return False
     try:
         provider = ctx.provider(batch.provider)
@@ -166,6 +170,10 @@ def _create_once(ctx: WorkerContext, provider: BatchProvider, batch: Batch) -> P
                 update_batch(session, batch.id, next_poll_at=wait_until)
                 session.commit()
             return None
+    if batch.cancel_requested_at is not None:
+        # No job turned up for the create that may have happened: cancelled unsent.
+        cancel_unsent(ctx, batch)
+        return None
     if not batch_still_owns_requests(ctx, batch.id):
         # Redis lost this batch's claim and another batch holds some of its requests now: a
         # create would bill them twice. The batch was given back unsent instead.

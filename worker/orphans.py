@@ -14,6 +14,7 @@ from typing import Any
 
 from shared.models import Batch, BatchState
 from shared.redis_layout import text
+from worker.cancellation import requeue_or_cancel
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ def return_orphans(ctx: WorkerContext, limit: int = 100_000) -> int:
             batch = session.get(Batch, batch_id)
         if batch is not None and batch.state != BatchState.ABANDONED:
             continue  # committed: (a) to (c) deal with it
-        args = [ctx.keys.base, batch_id, "0", *ids]
-        moved = int(ctx.scripts.run("requeue", [ctx.keys.buffers], args))
+        # No batch records these: a request cancelled meanwhile is queued for the record.
+        moved, _ = requeue_or_cancel(ctx, batch_id, ids, counts=False, recorded=False)
         if moved:
             log.error("%d requests of unknown batch %s back to their buffer", moved, batch_id)
         returned += moved

@@ -121,7 +121,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     try:
         # The claimed size also counts metadata (it travels with every result); the record
         # keeps the file's exact length.
-        batch.bytes = write_batch_file(ctx, batch_id, buf, claimed[::3], path)
+        batch.bytes = write_batch_file(ctx, batch_id, buf, claimed[::4], path)
         rows = request_rows(batch_id, claimed)
         with ctx.session() as session:
             session.add(batch)
@@ -192,7 +192,7 @@ def batch_provider(settings: Settings, buffer_provider: str) -> str:
 
 
 def request_rows(batch_id: str, claimed: list[bytes]) -> list[dict[str, Any]]:
-    """SQL rows for the claim script's flat (id, cbq, attempts) list."""
+    """SQL rows for the claim script's flat (id, cbq, attempts, webhook URL) list."""
     state = RequestState.BATCHED.value
     # Every column is given (defaults too) so the insert can take the rows as they are.
     return [
@@ -202,11 +202,12 @@ def request_rows(batch_id: str, claimed: list[bytes]) -> list[dict[str, Any]]:
             "state": state,
             "attempts": int(attempts) + 1,
             "callback_queue": cbq.decode(),
+            "webhook_url": webhook_url.decode(),
             "prompt_tokens": 0,
             "completion_tokens": 0,
         }
-        for request_id, cbq, attempts in zip(
-            claimed[0::3], claimed[1::3], claimed[2::3], strict=True
+        for request_id, cbq, attempts, webhook_url in zip(
+            claimed[0::4], claimed[1::4], claimed[2::4], claimed[3::4], strict=True
         )
     ]
 

@@ -25,6 +25,7 @@ from shared.db import due_for_poll, transition, update_batch
 from shared.models import Batch, BatchState, utcnow
 from shared.providers.base import BatchProvider, ProviderBatch, ProviderBatchStatus, ProviderError
 from worker.backoff import backoff
+from worker.batch_cancel import cancelled_outcome
 from worker.batch_loop import each_batch
 from worker.context import WorkerContext
 from worker.lifecycle import unowned_jobs
@@ -80,6 +81,15 @@ def poll_batch(ctx: WorkerContext, batch: Batch) -> bool:
         job = listed  # retrieve keeps failing, but the list knows the job: go by that
     if batch.duplicate_check_until is not None and now < batch.duplicate_check_until:
         cancel_duplicates(ctx, provider, batch)
+    if batch.cancel_requested_at is not None and not job.status.is_terminal:
+        # The operator cancelled the batch: ask on every poll until the job is final, and
+        # look again soon rather than after a full poll interval.
+        next_poll = now + timedelta(seconds=min(ctx.settings.poll_interval_seconds, 5.0))
+        if job.status is not ProviderBatchStatus.CANCELLING:
+            try:
+                job = provider.cancel_batch(batch.provider_batch_id)
+            except ProviderError as exc:
+                return _record_poll_failure(ctx, batch, exc, next_poll)
     fields: dict[str, Any] = {
         "provider_status": job.raw_status,
         "poll_count": batch.poll_count + 1,
@@ -121,7 +131,7 @@ def poll_batch(ctx: WorkerContext, batch: Batch) -> bool:
     return _to_collecting(
         ctx,
         batch,
-        outcome=job.status.value,
+        outcome=cancelled_outcome(batch, job.status.value),
         output_file_id=job.output_file_id,
         error_file_id=job.error_file_id,
         error=job.error,

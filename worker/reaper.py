@@ -1,4 +1,4 @@
-"""Returning abandoned claims to their buffers."""
+"""The reaper: abandoned claims back to their buffers, outcomes into the record, old rows out."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from sqlmodel import select
 
 from shared.models import Request, RequestState
 from shared.redis_layout import text
+from worker.cancellation import record_unbatched
 from worker.claims import abandon_claim
 from worker.context import WorkerContext
 from worker.leftovers import remove_leftovers
+from worker.retention import prune_old_records
+from worker.webhook_admin import restore_lost_deliveries
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,15 @@ def reaper_pass(ctx: WorkerContext) -> int:
     Each step runs on its own, so one that fails (the database is down) skips no other.
     """
     returned = 0
-    for step in (reconcile_requeued_rows, reap_abandoned_claims, remove_leftovers):
+    steps = (
+        record_unbatched,
+        reconcile_requeued_rows,
+        reap_abandoned_claims,
+        remove_leftovers,
+        prune_old_records,
+        restore_lost_deliveries,
+    )
+    for step in steps:
         try:
             n = step(ctx)
         except SoftTimeLimitExceeded:
@@ -33,7 +44,7 @@ def reaper_pass(ctx: WorkerContext) -> int:
         except Exception:
             log.exception("reaper step %s failed; retried on the next pass", step.__name__)
             continue
-        if step is reap_abandoned_claims:
+        if step is reap_abandoned_claims and isinstance(n, int):
             returned = n
     return returned
 

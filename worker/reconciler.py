@@ -41,9 +41,10 @@ from sqlalchemy import func, update
 from sqlmodel import select
 
 from shared.db import transition
-from shared.models import Batch, BatchState, Request, RequestState, utcnow
+from shared.models import Batch, BatchState, Request, RequestState, WebhookDelivery, utcnow
 from shared.redis_layout import text
 from shared.schemas import ErrorInfo, Result
+from worker.cancellation import requeue_or_cancel
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -220,11 +221,13 @@ def _restore_done(ctx: WorkerContext, batch_id: str, ids: list[str]) -> int:
                 select(Request).where(Request.id.in_(ids))  # type: ignore[attr-defined]
             )
         )
+    webhooks = _undelivered_webhooks(ctx, rows)
     args: list[Any] = [ctx.keys.base, ctx.settings.result_ttl_seconds, batch_id]
     for row in rows:
         if row.batch_id != batch_id or row.state not in _FINAL:
             continue  # moved on since we looked
-        args += [row.id, row.state, row.result or _result_from_row(row), row.callback_queue]
+        result = row.result or _result_from_row(row)
+        args += [row.id, row.state, result, row.callback_queue, webhooks.get(row.id, "")]
     if len(args) == 3:
         return 0
     done = ctx.scripts.run("restore_done", [ctx.keys.buffers], args)
@@ -233,6 +236,22 @@ def _restore_done(ctx: WorkerContext, batch_id: str, ids: list[str]) -> int:
             "batch %s: %d outcomes Redis had lost restored from the record", batch_id, len(done)
         )
     return len(done)
+
+
+def _undelivered_webhooks(ctx: WorkerContext, rows: list[Request]) -> dict[str, str]:
+    """Webhook URLs of ``rows`` whose delivery the record does not have (lost with Redis)."""
+    wanted = {row.id: row.webhook_url for row in rows if row.webhook_url}
+    if not wanted:
+        return {}
+    with ctx.session() as session:
+        known = set(
+            session.exec(
+                select(WebhookDelivery.request_id).where(
+                    WebhookDelivery.request_id.in_(list(wanted))  # type: ignore[attr-defined]
+                )
+            )
+        )
+    return {request_id: url for request_id, url in wanted.items() if request_id not in known}
 
 
 def _result_from_row(row: Request) -> str:
@@ -259,10 +278,8 @@ def _result_from_row(row: Request) -> str:
 
 
 def _requeue(ctx: WorkerContext, batch: Batch, ids: list[str]) -> int:
-    counts = "0" if batch.outcome == "unsent" else "1"
-    moved = int(
-        ctx.scripts.run("requeue", [ctx.keys.buffers], [ctx.keys.base, batch.id, counts, *ids])
-    )
+    counts = batch.outcome != "unsent"
+    moved, _ = requeue_or_cancel(ctx, batch.id, ids, counts=counts)
     if moved:
         log.error("batch %s: %d requeues Redis had lost done again", batch.id, moved)
     return moved

@@ -35,10 +35,13 @@ RETRYABLE_CODES = frozenset(
         "batch_lost",
         "batch_no_output",
         "batch_unsent",
+        "batch_requeued",
         "http_408",
         "http_429",
     }
 )
+# A request of a batch the operator cancelled with --requeue that had not run yet.
+REQUEUED_CODE = "batch_requeued"
 _CODE_CHARS = 64  # Request.error_code's width
 _LOGGED_PER_KIND = 5  # a file of 50,000 bad lines must not flood the log
 

@@ -6,6 +6,7 @@ late or repeated message only costs latency.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -37,6 +38,7 @@ from worker.redis_checks import (
     check_epoch,
     check_eviction_policy,
 )
+from worker.webhook_sender import deliver_due
 
 log = logging.getLogger(__name__)
 _contexts: dict[int, WorkerContext] = {}
@@ -128,9 +130,24 @@ def collect() -> int:
     """Fan out the results of batches the provider has finished."""
     collected = collect_ready_batches(context())
     if collected:
-        # Requests sent round again should not wait for a full beat.
+        # Requests sent round again, and webhooks, should not wait for a full beat.
         wake(task_names.AGGREGATE)
+        wake(task_names.WEBHOOKS)
     return len(collected)
+
+
+@app.task(name=task_names.WEBHOOKS)
+def deliver_webhooks() -> int:
+    """Send the webhook deliveries that are due, for a bounded time; how many were settled."""
+    ctx = context()
+    # One sender at a time: it sends many deliveries at once itself, and a second would only
+    # take a pool slot from the pipeline's own tasks.
+    with ctx.lease("webhooks") as mine:
+        if not mine:
+            return 0
+        budget = min(30.0, ctx.settings.task_time_limit_seconds / 4)
+        report = asyncio.run(deliver_due(ctx, budget_seconds=budget))
+    return report.settled
 
 
 @app.task(name=task_names.REAP)

@@ -120,3 +120,10 @@ class BatchProvider(Protocol):
     def download_file(self, file_id: str, dest: Path) -> None:
         """Stream a file's content to ``dest`` without holding it in memory."""
         ...
+
+    def delete_file(self, file_id: str) -> None:
+        """Delete a file at the provider; a file already gone (404) is not an error.
+
+        Raises ProviderError otherwise.
+        """
+        ...

@@ -110,6 +110,24 @@ class TogetherProvider:
                 out.write(chunk)
         tmp.replace(dest)
 
+    def delete_file(self, file_id: str) -> None:
+        """Delete a file at Together; one that answers 404 is already gone, which is fine."""
+        if not file_id:
+            # The SDK would raise a bare ValueError before any request.
+            raise ProviderError("delete_file: file_id must not be empty", retryable=False)
+        try:
+            with _mapped_errors("delete file"):
+                answer = self._client.files.delete(file_id)
+        except ProviderError as exc:
+            # A retried DELETE whose first answer was lost lands here too: it took effect.
+            if exc.status_code == 404:
+                return
+            raise
+        if answer.deleted is False:
+            raise ProviderError(
+                f"Together delete file answered deleted=false for {file_id}", retryable=True
+            )
+
     def close(self) -> None:
         """Close the HTTP connections."""
         self._client.close()

@@ -8,7 +8,8 @@
 -- ARGV[1]  key prefix ("{p}:")     ARGV[2] buf          ARGV[3] batch id
 -- ARGV[4]  max requests            ARGV[5] max bytes    ARGV[6] max wait (ms)
 -- ARGV[7]  now (ms)                ARGV[8] "1" to flush even if no threshold is reached
--- Returns {claimed count, claimed bytes, reason, then per claimed request: id, cbq, attempts}
+-- Returns {claimed count, claimed bytes, reason, then per claimed request: id, cbq, attempts,
+-- webhook URL}
 -- (what the packer records in SQL), or {0, 0, ''} when the buffer is not due.
 -- A claimed request is in exactly one place: this claim (state "batched", batch = id).
 local prefix, buf, batch = ARGV[1], ARGV[2], ARGV[3]
@@ -31,14 +32,14 @@ local taken, total = 0, 0
 local out = {0, 0, reason}
 for i = 1, #ids do
   local req = prefix .. 'req:' .. ids[i]
-  local f = redis.call('HMGET', req, 'size', 'cbq', 'attempts')
+  local f = redis.call('HMGET', req, 'size', 'cbq', 'attempts', 'wh')
   local size = tonumber(f[1] or '0')
   if taken > 0 and total + size > max_bytes then break end
   taken, total = taken + 1, total + size
   redis.call('HSET', req, 'state', 'batched', 'batch', batch)
   -- Indexed by position: the length operator costs a search on every append.
-  local at = 3 * taken + 1
-  out[at], out[at + 1], out[at + 2] = ids[i], f[2] or '', f[3] or '0'
+  local at = 4 * taken
+  out[at], out[at + 1], out[at + 2], out[at + 3] = ids[i], f[2] or '', f[3] or '0', f[4] or ''
 end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, taken - 1)
 -- unpack() is bounded by Lua's C stack, so push in chunks.

@@ -11,19 +11,20 @@
 --          {p}:pending:{buf}       zset    request ids scored by enqueue sequence (FIFO)
 --          {p}:seq                 string  the enqueue sequence counter
 -- ARGV[1]  key prefix ("{p}:")     ARGV[2] now (ms)     ARGV[3] idempotency TTL (s)
--- ARGV[4..] 8 values per request: id, buf, size (line + metadata bytes), idempotency key
---          ('' for none), body JSON, callback queue, metadata JSON, request digest
+-- ARGV[4..] 9 values per request: id, buf, size (line + metadata bytes), idempotency key
+--          ('' for none), body JSON, callback queue, metadata JSON, request digest, webhook
+--          URL
 -- Returns a flat array: number of buffers touched B, then B pairs (buf, count after), then
 -- pairs (1-based request position, existing id) for requests whose idempotency key was taken
 -- by the identical request. If any key is taken by a different request (another digest),
 -- nothing at all is written and the reply is {-1, position, existing id} for the first one.
 local prefix, now, ttl = ARGV[1], ARGV[2], ARGV[3]
-local n = (#ARGV - 3) / 8
+local n = (#ARGV - 3) / 9
 -- Pass 1 (reads only): what each idempotency key already stands for. A key first used
 -- earlier in this call stands for that request.
 local existing, first_use = {}, {}
 local position = 0
-for i = 4, #ARGV, 8 do
+for i = 4, #ARGV, 9 do
   position = position + 1
   local idem = ARGV[i + 3]
   if idem ~= '' then
@@ -58,7 +59,7 @@ local seq = redis.call('INCRBY', prefix .. 'seq', n) - n
 local by_buf, bodies_by_buf, bytes_by_buf, order = {}, {}, {}, {}
 local repeats = {}
 position = 0
-for i = 4, #ARGV, 8 do
+for i = 4, #ARGV, 9 do
   position = position + 1
   local id, buf, size, idem = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local held = existing[position]
@@ -74,6 +75,7 @@ for i = 4, #ARGV, 8 do
                'size', size, 'buf', buf)
     if ARGV[i + 5] ~= '' then redis.call('HSET', req, 'cbq', ARGV[i + 5]) end
     if ARGV[i + 6] ~= '' then redis.call('HSET', req, 'meta', ARGV[i + 6]) end
+    if ARGV[i + 8] ~= '' then redis.call('HSET', req, 'wh', ARGV[i + 8]) end
     local members, bodies = by_buf[buf], bodies_by_buf[buf]
     if not members then
       members, bodies = {}, {}

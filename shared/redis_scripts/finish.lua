@@ -1,31 +1,31 @@
--- Give requests their terminal outcome and put each result on its callback queue, once.
+-- Give the requests of a batch their terminal outcome and deliver each result, once.
 --
--- KEYS[1]  {p}:buffers             hash    buf -> bytes waiting (for cancelling pending requests)
+-- KEYS[1]  {p}:buffers             hash    (unused here; kept so every finishing script
+--                                          declares the same first key)
+-- Keys built here: {p}:req:{id}, and what bb_terminal (_terminal.lua) writes
 -- ARGV[1]  key prefix ("{p}:")     ARGV[2] result TTL (s)
--- ARGV[3]  required batch id, or '' to require state "pending" (a cancel from the buffer)
+-- ARGV[3]  the batch id the requests must still belong to
 -- ARGV[4..] triples: request id, outcome, result JSON
--- Returns the ids that were finished by this call. A request that already has an outcome,
--- or that has moved to another batch, is skipped: that is what makes delivery exactly once.
+-- Returns {number finished by this call, then pairs (request id, result JSON)} for requests
+-- that ended "cancelled" instead of the outcome given: they were cancelled while batched
+-- (field cx) after the caller looked, and end with the result stored at cancel time; the
+-- caller records those. A request that already has an outcome, or has moved to another
+-- batch, is skipped: that is what makes delivery exactly once.
 local prefix, ttl, batch = ARGV[1], ARGV[2], ARGV[3]
-local finished = {}
+local out = {0}
 for i = 4, #ARGV, 3 do
   local id = ARGV[i]
   local req = prefix .. 'req:' .. id
-  local f = redis.call('HMGET', req, 'state', 'batch', 'cbq', 'buf', 'size')
-  local ok
-  if batch == '' then ok = f[1] == 'pending' else ok = f[1] == 'batched' and f[2] == batch end
-  if ok then
-    if f[1] == 'pending' then
-      redis.call('ZREM', prefix .. 'pending:' .. f[4], id)
-      redis.call('HINCRBY', KEYS[1], f[4], -tonumber(f[5]))
+  local f = redis.call('HMGET', req, 'state', 'batch', 'cbq', 'buf', 'wh', 'cx')
+  if f[1] == 'batched' and f[2] == batch then
+    local outcome, result = ARGV[i + 1], ARGV[i + 2]
+    if f[6] and outcome ~= 'cancelled' then
+      outcome, result = 'cancelled', f[6]
+      out[#out + 1] = id
+      out[#out + 1] = result
     end
-    redis.call('HSET', req, 'state', 'done', 'outcome', ARGV[i + 1], 'result', ARGV[i + 2])
-    redis.call('HDEL', prefix .. 'bodies:' .. f[4], id)
-    redis.call('EXPIRE', req, ttl)
-    if f[3] and f[3] ~= '' then
-      redis.call('XADD', prefix .. 'cb:' .. f[3], '*', 'result', ARGV[i + 2])
-    end
-    finished[#finished + 1] = id
+    bb_terminal(prefix, id, f[4], f[3], f[5], outcome, result, ttl, false)
+    out[1] = out[1] + 1
   end
 end
-return finished
+return out

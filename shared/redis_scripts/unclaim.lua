@@ -4,9 +4,13 @@
 -- KEYS[2]  {p}:claim:{batch}       hash    buf, count, bytes, at
 -- KEYS[3]  {p}:claims              zset    batch ids of uncommitted claims
 -- KEYS[4]  {p}:buffers             hash    buf -> bytes waiting
--- ARGV[1]  key prefix ("{p}:")     ARGV[2] batch id
--- Returns the number of requests returned to the buffer.
-local prefix, batch = ARGV[1], ARGV[2]
+-- Keys built here: {p}:req:{id}, {p}:pending:{buf}, and what bb_terminal (_terminal.lua)
+-- writes for a request cancelled while claimed
+-- ARGV[1]  key prefix ("{p}:")     ARGV[2] batch id     ARGV[3] result TTL (s)
+-- Returns the number of requests returned to the buffer. A request cancelled while claimed
+-- (field cx) is finished "cancelled" instead, and queued in {p}:torecord: the claim never
+-- reached SQL, so no batch will record it.
+local prefix, batch, ttl = ARGV[1], ARGV[2], ARGV[3]
 local buf = redis.call('HGET', KEYS[2], 'buf')
 local returned = 0
 if buf then
@@ -14,12 +18,16 @@ if buf then
   local ids = redis.call('LRANGE', KEYS[1], 0, -1)
   for i = 1, #ids do
     local req = prefix .. 'req:' .. ids[i]
-    local f = redis.call('HMGET', req, 'state', 'batch', 'seq', 'size')
+    local f = redis.call('HMGET', req, 'state', 'batch', 'seq', 'size', 'cbq', 'wh', 'cx')
     if f[1] == 'batched' and f[2] == batch then
-      redis.call('HSET', req, 'state', 'pending', 'batch', '')
-      redis.call('ZADD', pending, f[3], ids[i])
-      redis.call('HINCRBY', KEYS[4], buf, f[4])
-      returned = returned + 1
+      if f[7] then
+        bb_terminal(prefix, ids[i], buf, f[5], f[6], 'cancelled', f[7], ttl, true)
+      else
+        redis.call('HSET', req, 'state', 'pending', 'batch', '')
+        redis.call('ZADD', pending, f[3], ids[i])
+        redis.call('HINCRBY', KEYS[4], buf, f[4])
+        returned = returned + 1
+      end
     end
   end
 end

@@ -128,6 +128,16 @@ class LocalProvider:
                 raise ProviderError(str(exc), retryable=False, status_code=404) from exc
             copy_stream(src, dest)
 
+    def delete_file(self, file_id: str) -> None:
+        """Delete a stored file and its content; an unknown or malformed id is already gone."""
+        with self._call("delete_file"):
+            try:
+                self.store.delete_file(file_id)
+            except NotFound:
+                return
+            except OSError as exc:
+                raise ProviderError(f"cannot delete file {file_id}: {exc}", retryable=True) from exc
+
     @contextmanager
     def _call(self, operation: str) -> Iterator[None]:
         # An injected failure is drawn before touching anything, so it never has side effects;
