@@ -150,6 +150,20 @@ def _text(value: str) -> str:
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
+def insert_over_requeued(session: Any, columns: Sequence[str]) -> Any:
+    """An upsert of request rows that updates ``columns`` only where a row is ``requeued``."""
+    dialect = session.get_bind().dialect
+    insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+    table = Request.__table__  # type: ignore[attr-defined]
+    stmt = insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=["id"],
+        set_={name: stmt.excluded[name] for name in columns},
+        # A literal, not a parameter: upsert_requests hands rows to the driver positionally.
+        where=table.c.state == literal_column(f"'{RequestState.REQUEUED.value}'"),
+    )
+
+
 def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     """Insert request rows, or point requeued ones at their new batch; how many were written.
 
@@ -160,19 +174,7 @@ def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     if not rows:
         return 0
     dialect = session.get_bind().dialect
-    insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
-    table = Request.__table__  # type: ignore[attr-defined]
-    stmt = insert(table)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["id"],
-        set_={
-            "batch_id": stmt.excluded.batch_id,
-            "state": stmt.excluded.state,
-            "attempts": stmt.excluded.attempts,
-        },
-        # A literal, not a parameter: the rows below are handed to the driver positionally.
-        where=table.c.state == literal_column(f"'{RequestState.REQUEUED.value}'"),
-    )
+    stmt = insert_over_requeued(session, ("batch_id", "state", "attempts"))
     # Packing records up to 50,000 rows at once: compile the statement once and hand plain
     # values to the driver's executemany, skipping SQLAlchemy's per-row processing (which
     # tripled the time). Every value here is a str or int, which drivers take as they are, and

@@ -23,7 +23,11 @@ from producer import Producer
 from shared.embedded_redis import EmbeddedRedis, child_environment, free_port
 from shared.providers.local import EchoEngine, LocalProvider, run_job
 from shared.settings import ENV_PREFIX, Settings
+from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
+from worker.lifecycle import submit_ready_batches
+from worker.packing import pack_due_buffers
+from worker.polling import poll_due_batches
 from worker.processes import WorkerProcess
 
 PG_URL = os.environ.get("BATCHBRIDGE_TEST_DATABASE_URL")
@@ -193,6 +197,17 @@ def run_local_jobs(ctx: WorkerContext) -> None:
     for job in provider.store.list_jobs():
         if not job.is_terminal:
             run_job(provider.store, job.id, EchoEngine())
+
+
+def drive_pipeline(ctx: WorkerContext, *, collect: bool = True) -> None:
+    """One pass of every periodic step, the local jobs run between submit and poll."""
+    pack_due_buffers(ctx, force=True)
+    submit_ready_batches(ctx)
+    run_local_jobs(ctx)
+    time.sleep(0.02)
+    poll_due_batches(ctx)
+    if collect:
+        collect_ready_batches(ctx)
 
 
 WorkerFactory = Callable[..., WorkerProcess]

@@ -16,7 +16,7 @@ from sqlmodel import select
 from producer import Producer, Result
 from shared.models import Batch, BatchState, Request
 from shared.providers.local import LocalProvider
-from tests.conftest import run_local_jobs
+from tests.conftest import drive_pipeline, run_local_jobs
 from tests.conftest import submit_requests as submit
 from worker.batch_cancel import NotCancellable, request_batch_cancel
 from worker.cancellation import CANCELLED_IN_BATCH, record_unbatched
@@ -56,16 +56,6 @@ def outbox(ctx: WorkerContext) -> dict[str, bytes]:
         request_id = raw.decode()
         found[request_id] = ctx.redis.hget(ctx.keys.webhook(request_id), "type")
     return found
-
-
-def drive(ctx: WorkerContext) -> None:
-    """One pass of every periodic step, with the local jobs run in between."""
-    pack_due_buffers(ctx, force=True)
-    submit_ready_batches(ctx)
-    run_local_jobs(ctx)
-    time.sleep(0.02)
-    poll_due_batches(ctx)
-    collect_ready_batches(ctx)
 
 
 def submit_hooked(ctx: WorkerContext, n: int) -> list[str]:
@@ -228,7 +218,7 @@ def test_a_request_cancelled_in_an_abandoned_claim_ends_cancelled(ctx: WorkerCon
 
 def test_a_finished_request_cannot_be_cancelled(ctx: WorkerContext) -> None:
     ids = submit(ctx, 2)
-    drive(ctx)
+    drive_pipeline(ctx)
     outcome = producer_of(ctx).try_cancel(ids[0])
     assert outcome == ("finished", "completed") and not producer_of(ctx).cancel(ids[1])
     assert producer_of(ctx).try_cancel("no-such-request").kind == "unknown"
@@ -255,7 +245,7 @@ def test_cancelling_a_batch_before_submission(ctx: WorkerContext, requeue: bool)
     if requeue:
         assert results == []
         assert {producer_of(ctx).state(i) for i in ids} == {"pending"}
-        drive(ctx)
+        drive_pipeline(ctx)
         assert {r.status for r in stream_results(ctx)} == {"completed"}
         assert {r.attempts for r in stream_results(ctx)} == {1}
     else:
@@ -288,7 +278,7 @@ def test_cancelling_a_submitted_batch_at_the_provider(ctx: WorkerContext, requeu
     results = stream_results(ctx)
     if requeue:
         assert results == [] and {producer_of(ctx).state(i) for i in ids} == {"pending"}
-        drive(ctx)
+        drive_pipeline(ctx)
         assert {(r.status, r.attempts) for r in stream_results(ctx)} == {("completed", 1)}
     else:
         assert len(results) == 10 and {r.status for r in results} == {"cancelled"}

@@ -22,14 +22,13 @@ from shared.models import Batch, BatchState, Request, RequestState, utcnow
 from shared.providers.local import LocalProvider
 from shared.redis_layout import buffer_name
 from shared.schemas import DEFAULT_PROVIDER
-from tests.conftest import RedisFactory, run_local_jobs
+from tests.conftest import RedisFactory, drive_pipeline
 from tests.conftest import submit_requests as submit
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
 from worker.lifecycle import submit_ready_batches
 from worker.orphans import return_orphans
 from worker.packing import pack_due_buffers
-from worker.polling import poll_due_batches
 from worker.reconciler import (
     DATA_LOST,
     batch_still_owns_requests,
@@ -68,18 +67,9 @@ def roll_back(ctx: WorkerContext, taken: Snapshot) -> None:
         ctx.redis.restore(key, ttl, dumped, replace=True)
 
 
-def until_polled(ctx: WorkerContext) -> None:
-    pack_due_buffers(ctx, force=True)
-    submit_ready_batches(ctx)
-    run_local_jobs(ctx)
-    time.sleep(0.02)
-    poll_due_batches(ctx)
-
-
 def drive(ctx: WorkerContext, rounds: int = 4) -> None:
     for _ in range(rounds):
-        until_polled(ctx)
-        collect_ready_batches(ctx)
+        drive_pipeline(ctx)
 
 
 def since(ctx: WorkerContext) -> datetime:
@@ -118,7 +108,7 @@ def custom_ids_sent(ctx: WorkerContext) -> collections.Counter[str]:
 def test_results_lost_with_the_aof_tail_are_delivered_again_once(ctx: WorkerContext) -> None:
     # Given a batch the provider finished, and Redis as it was just before collecting
     ids = submit(ctx, 10)
-    until_polled(ctx)
+    drive_pipeline(ctx, collect=False)
     before_collect = snapshot(ctx)
     collect_ready_batches(ctx)
     delivered = {r.request_id: r for r in stream_results(ctx)}

@@ -11,14 +11,10 @@ import time
 import orjson
 
 from producer import AsyncProducer, Producer, Result
-from tests.conftest import run_local_jobs
+from tests.conftest import drive_pipeline
 from tests.conftest import submit_requests as submit
 from worker.cancellation import record_unbatched
-from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
-from worker.lifecycle import submit_ready_batches
-from worker.packing import pack_due_buffers
-from worker.polling import poll_due_batches
 
 MESSAGES = [{"role": "user", "content": "Is 'great value' positive?"}]
 
@@ -30,20 +26,11 @@ def expire_in_redis(ctx: WorkerContext, request_id: str) -> None:
     assert not ctx.redis.exists(ctx.keys.request(request_id))
 
 
-def finish_batch(ctx: WorkerContext) -> None:
-    pack_due_buffers(ctx, force=True)
-    submit_ready_batches(ctx)
-    run_local_jobs(ctx)
-    time.sleep(0.02)
-    poll_due_batches(ctx)
-    collect_ready_batches(ctx)
-
-
 def test_a_result_past_its_redis_ttl_comes_from_the_record(ctx: WorkerContext) -> None:
     # Given a completed request, and a cancelled one, whose Redis hashes have expired
     producer = Producer(settings=ctx.settings, client=ctx.redis)
     ids = submit(ctx, 2)
-    finish_batch(ctx)
+    drive_pipeline(ctx)
     before = producer.result(ids[0])
     cancelled = producer.submit("m-a", MESSAGES, metadata={"k": 1})
     assert cancelled.cancel()
@@ -68,7 +55,7 @@ def test_a_result_past_its_redis_ttl_comes_from_the_record(ctx: WorkerContext) -
 def test_the_async_producer_and_the_cli_read_the_record_too(ctx: WorkerContext) -> None:
     # Given a completed request whose Redis hash has expired
     (request_id,) = submit(ctx, 1)
-    finish_batch(ctx)
+    drive_pipeline(ctx)
     delivered = Producer(settings=ctx.settings, client=ctx.redis).result(request_id)
     expire_in_redis(ctx, request_id)
 

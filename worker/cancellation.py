@@ -12,11 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import literal_column
-from sqlalchemy.dialects import postgresql, sqlite
-
-from shared.db import finish_requests, sql_text
-from shared.models import Request, RequestState, utcnow
+from shared.db import finish_requests, insert_over_requeued, sql_text
+from shared.models import RequestState, utcnow
 from shared.redis_layout import text
 from shared.schemas import ErrorInfo, Result
 from worker.context import WorkerContext
@@ -144,17 +141,6 @@ def record_unbatched(ctx: WorkerContext, limit: int = 10_000) -> int:
 def _upsert_unbatched(session: Any, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    dialect = session.get_bind().dialect
-    insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
-    table = Request.__table__  # type: ignore[attr-defined]
-    stmt = insert(table)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["id"],
-        set_={
-            name: stmt.excluded[name]
-            for name in ("state", "error_code", "error_message", "finished_at", "result")
-        },
-        # Only a request waiting in its buffer again (requeued) can have been cancelled there.
-        where=table.c.state == literal_column(f"'{RequestState.REQUEUED.value}'"),
-    )
-    session.execute(stmt, rows)
+    # Only a request waiting in its buffer again (requeued) can have been cancelled there.
+    columns = ("state", "error_code", "error_message", "finished_at", "result")
+    session.execute(insert_over_requeued(session, columns), rows)

@@ -19,23 +19,15 @@ from shared.embedded_redis import (
     child_environment,
     embedded_redis_dir,
 )
-from shared.settings import Settings, SettingsError
+from shared.settings import Settings
 from worker import cli_requests, cli_webhooks
+from worker.cli_requests import fail, load_settings, worker_context
 from worker.processes import GaveUp, Supervised, Supervisor, WorkerProcess
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 err_console = Console(stderr=True)
 log = logging.getLogger("batchbridge")
-
-
-def load_settings() -> Settings:
-    """Settings from the environment, or exit 2 with the offending variable named."""
-    try:
-        return Settings.load()
-    except SettingsError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
 
 
 @contextlib.contextmanager
@@ -372,22 +364,13 @@ def batches_fail(
     ] = False,
 ) -> None:
     """Fail a batch that was never submitted (e.g. held); its requests get failed results."""
-    from worker.context import WorkerContext
     from worker.lifecycle import NotFailable, fail_unsent_batch
 
-    settings = load_settings()
-    try:
-        ctx = WorkerContext.create(settings)
-    except RedisUnavailable as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    try:
-        batch = fail_unsent_batch(ctx, batch_id, force=force)
-    except NotFailable as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    finally:
-        ctx.close()
+    with worker_context() as ctx:
+        try:
+            batch = fail_unsent_batch(ctx, batch_id, force=force)
+        except NotFailable as exc:
+            raise fail(exc) from None
     console.print(
         f"batch {batch.id} failed: its {batch.request_count} requests get failed results "
         "at the next collect"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
@@ -12,11 +14,15 @@ from rich.console import Console
 from shared.embedded_redis import RedisUnavailable
 from shared.settings import Settings, SettingsError
 
+if TYPE_CHECKING:
+    from worker.context import WorkerContext
+
 console = Console()
 err_console = Console(stderr=True)
 
 
-def _settings() -> Settings:
+def load_settings() -> Settings:
+    """Settings from the environment, or exit 2 with the offending variable named."""
     try:
         return Settings.load()
     except SettingsError as exc:
@@ -24,9 +30,26 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
-def _fail(message: object, code: int = 2) -> typer.Exit:
+def fail(message: object, code: int = 2) -> typer.Exit:
+    """Print ``message`` as an error; the exit to raise (2: usage or set-up, 1: the answer)."""
     err_console.print(f"[red]error:[/red] {message}", soft_wrap=True)
     return typer.Exit(code)
+
+
+@contextmanager
+def worker_context() -> Iterator[WorkerContext]:
+    """A worker context on the configured Redis and database, closed when the block ends."""
+    from worker.context import WorkerContext
+
+    settings = load_settings()
+    try:
+        ctx = WorkerContext.create(settings)
+    except RedisUnavailable as exc:
+        raise fail(exc) from None
+    try:
+        yield ctx
+    finally:
+        ctx.close()
 
 
 def cancel(
@@ -35,12 +58,12 @@ def cancel(
     """Cancel a request in any state; exit 1 if it had already finished or is unknown."""
     from producer import Producer
 
-    settings = _settings()
+    settings = load_settings()
     try:
         with Producer(settings=settings) as producer:
             outcome = producer.try_cancel(request_id)
     except RedisUnavailable as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if outcome.kind == "cancelled":
         console.print(f"request {request_id} cancelled")
     elif outcome.kind == "marked":
@@ -49,9 +72,9 @@ def cancel(
             "its batch ends, its answer discarded (the provider may still bill it)"
         )
     elif outcome.kind == "finished":
-        raise _fail(f"request {request_id} already finished: {outcome.outcome}", 1)
+        raise fail(f"request {request_id} already finished: {outcome.outcome}", 1)
     else:
-        raise _fail(f"no request {request_id!r} is known", 1)
+        raise fail(f"no request {request_id!r} is known", 1)
 
 
 def result(
@@ -60,15 +83,15 @@ def result(
     """Print a request's result as JSON (from Redis, or the SQL record after its TTL)."""
     from producer import Producer
 
-    settings = _settings()
+    settings = load_settings()
     try:
         with Producer(settings=settings) as producer:
             found = producer.result(request_id)
             state = producer.state(request_id) if found is None else found.status
     except RedisUnavailable as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if found is None:
-        raise _fail(f"request {request_id} has no result yet (state: {state})", 1)
+        raise fail(f"request {request_id} has no result yet (state: {state})", 1)
     shown = orjson.dumps(found.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
     sys.stdout.write(shown.decode() + "\n")
 
@@ -81,17 +104,10 @@ def batches_cancel(
 ) -> None:
     """Cancel a batch at the provider: finished lines are delivered, the rest cancelled."""
     from worker.batch_cancel import NotCancellable, request_batch_cancel
-    from worker.context import WorkerContext
 
-    settings = _settings()
-    try:
-        ctx = WorkerContext.create(settings)
-    except RedisUnavailable as exc:
-        raise _fail(exc) from None
-    try:
-        said = request_batch_cancel(ctx, batch_id, requeue=requeue)
-    except NotCancellable as exc:
-        raise _fail(exc) from None
-    finally:
-        ctx.close()
+    with worker_context() as ctx:
+        try:
+            said = request_batch_cancel(ctx, batch_id, requeue=requeue)
+        except NotCancellable as exc:
+            raise fail(exc) from None
     console.print(said)

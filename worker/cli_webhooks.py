@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 
-from shared.embedded_redis import RedisUnavailable
-from worker.cli_requests import _fail, _settings, console
-from worker.context import WorkerContext
+from worker.cli_requests import console, fail, worker_context
 
 app = typer.Typer(no_args_is_help=True, help="Look after webhook deliveries.")
-
-
-@contextmanager
-def _context() -> Iterator[WorkerContext]:
-    settings = _settings()
-    try:
-        ctx = WorkerContext.create(settings)
-    except RedisUnavailable as exc:
-        raise _fail(exc) from None
-    try:
-        yield ctx
-    finally:
-        ctx.close()
 
 
 @app.command("failed")
@@ -36,7 +19,7 @@ def failed(
     """List dead-lettered deliveries, newest first (replay them with `webhooks replay`)."""
     from worker.webhook_admin import failed_deliveries
 
-    with _context() as ctx:
+    with worker_context() as ctx:
         rows = failed_deliveries(ctx, limit)
     if not rows:
         console.print("no dead-lettered webhook deliveries")
@@ -63,13 +46,13 @@ def replay(
     from worker.webhook_admin import replay as replay_deliveries
 
     if bool(ids) == all_:
-        raise _fail("give delivery ids or --all (not both)")
-    with _context() as ctx:
+        raise fail("give delivery ids or --all (not both)")
+    with worker_context() as ctx:
         queued = replay_deliveries(ctx, None if all_ else ids)
     if ids:
         missing = {i if i.startswith("msg_") else f"msg_{i}" for i in ids} - set(queued)
         if missing:
-            raise _fail(f"not dead-lettered (or unknown): {', '.join(sorted(missing))}", 1)
+            raise fail(f"not dead-lettered (or unknown): {', '.join(sorted(missing))}", 1)
     console.print(f"{len(queued)} deliveries queued to be sent again")
 
 
@@ -78,7 +61,7 @@ def enable(url: Annotated[str, typer.Argument(help="the endpoint URL that answer
     """Send to an endpoint again after it answered 410 Gone (its dead deliveries stay dead)."""
     from worker.webhook_admin import enable_endpoint
 
-    with _context() as ctx:
+    with worker_context() as ctx:
         if not enable_endpoint(ctx, url):
-            raise _fail(f"{url} is not disabled", 1)
+            raise fail(f"{url} is not disabled", 1)
     console.print(f"{url} enabled")
