@@ -26,6 +26,9 @@ FAST = {
     "submit_interval_seconds": 0.3,
     "provider": "together",
     "max_attempts": 10,
+    # A create answered 5xx may still have made its job: the next create waits out twice
+    # this (the in-flight window) and reconciles first. 3 s keeps the faulty run's tail short.
+    "provider_timeout_seconds": 3.0,
 }
 
 
