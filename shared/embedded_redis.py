@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -14,6 +15,7 @@ from typing import Literal
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from shared.parent_death import die_with_parent
 from shared.settings import Settings
 
 
@@ -109,7 +111,15 @@ class EmbeddedRedis:
             "--daemonize", "no",
             *self.extra_args,
         ]  # fmt: skip
-        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            # Not stopped by a terminal's Ctrl-C (its owner stops it, after the worker), but
+            # by the kernel should its owner be SIGKILLed.
+            start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
         deadline = time.monotonic() + timeout
         client = Redis.from_url(self.url)
         try:
@@ -179,8 +189,8 @@ def embedded_redis_dir(settings: Settings) -> Path:
 
 def resolve_redis_url(settings: Settings) -> str:
     """BATCHBRIDGE_REDIS_URL, else the URL of the embedded Redis that ``batchbridge up`` runs."""
-    if settings.redis_url:
-        return settings.redis_url
+    if settings.configured_redis_url:
+        return settings.configured_redis_url
     url_file = embedded_redis_dir(settings) / "redis.url"
     if url_file.exists():
         url = url_file.read_text().strip()

@@ -26,6 +26,9 @@ Every key starts with the configured prefix (default ``bb``):
 ``{p}:wake:{buf}``          string  debounces aggregator wake-ups sent by producers
 ``{p}:epoch``               string  random id of this Redis dataset; SQL remembers it, so a
                                     wiped or replaced Redis is noticed (worker/redis_checks.py)
+``{p}:counters``            hash    monotonic counters behind the metrics: outcomes, latency
+                                    buckets, retries, tokens, errors (shared/counters.py)
+``{p}:cbqueues``            set     names of the callback queues results were put on
 
 A request's state in Redis moves ``pending -> batched -> done``; ``batched -> pending`` when a
 claim is abandoned or a retryable failure sends it round again; ``pending -> done`` on cancel.
@@ -171,6 +174,16 @@ class Keys:
     def epoch(self) -> str:
         """The random id naming this Redis dataset."""
         return f"{self.prefix}:epoch"
+
+    @property
+    def counters(self) -> str:
+        """Hash of the monotonic counters behind the metrics (see shared/counters.py)."""
+        return f"{self.prefix}:counters"
+
+    @property
+    def callback_queues(self) -> str:
+        """Set of the callback queues results were put on."""
+        return f"{self.prefix}:cbqueues"
 
 
 def script_source(name: str) -> str:

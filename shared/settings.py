@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import ipaddress
+import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +25,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Standard Webhooks: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 _SECRET_SPLIT = re.compile(r"[\s,]+")
+# BATCHBRIDGE_* variables read outside Settings: the local provider's fault injection and
+# API key, and the test and benchmark suites' servers.
+_OTHER_VARIABLE_PREFIXES = ("LOCAL_", "TEST_", "BENCH_")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+log = logging.getLogger("batchbridge.settings")
 
 
 class SettingsError(ValueError):
@@ -33,10 +41,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    redis_url: str | None = Field(
+    # Both URLs may carry passwords: SecretStr keeps them out of reprs, logs and Celery's conf.
+    redis_url: SecretStr | None = Field(
         default=None, description="Redis URL; unset means the CLI starts an embedded Redis."
     )
-    database_url: str | None = Field(
+    database_url: SecretStr | None = Field(
         default=None, description="SQLAlchemy URL; unset means SQLite under the data directory."
     )
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".batchbridge")
@@ -101,6 +110,22 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=2, ge=1, le=256)
 
     local_engine: Literal["echo"] = "echo"
+    # A TOML price table for `batchbridge cost`, over the one shipped in shared/prices.toml.
+    prices_file: Path | None = None
+
+    @field_validator("redis_url", mode="after")
+    @classmethod
+    def _redis_url_parses(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_redis_url(value.get_secret_value())
+        return value
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _database_url_parses(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_database_url(value.get_secret_value())
+        return value
 
     @field_validator("webhook_retry_schedule", mode="before")
     @classmethod
@@ -157,10 +182,17 @@ class Settings(BaseSettings):
     @classmethod
     def load(cls, **overrides: object) -> Settings:
         """Read the environment (plus overrides) or raise SettingsError naming the variable."""
+        for warning in unknown_variables(os.environ):
+            log.warning("%s", warning)
         try:
             return cls(**overrides)  # type: ignore[arg-type]
         except ValidationError as exc:
             raise SettingsError(describe_validation_error(exc)) from None
+
+    @property
+    def configured_redis_url(self) -> str | None:
+        """BATCHBRIDGE_REDIS_URL in clear (for connecting only: never log it)."""
+        return self.redis_url.get_secret_value() if self.redis_url else None
 
     @property
     def default_provider(self) -> ProviderName:
@@ -173,8 +205,82 @@ class Settings(BaseSettings):
     def sqlalchemy_url(self) -> str:
         """The database URL, defaulting to SQLite under the data directory."""
         if self.database_url:
-            return self.database_url
+            url = self.database_url.get_secret_value()
+            # The driver that ships is psycopg 3; SQLAlchemy would pick psycopg2 for these.
+            for bare in ("postgresql://", "postgres://"):
+                if url.startswith(bare):
+                    return "postgresql+psycopg://" + url.removeprefix(bare)
+            return url
         return f"sqlite:///{self.data_dir / 'batchbridge.sqlite3'}"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each BATCHBRIDGE_* variable no setting reads, naming the closest one."""
+    known = {name.upper() for name in Settings.model_fields}
+    warnings = []
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        name = variable.removeprefix(ENV_PREFIX)
+        if name in known or name.startswith(_OTHER_VARIABLE_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+        warnings.append(f"{variable} is not a batchbridge setting and is ignored{hint}")
+    return warnings
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ValueError (without the password) unless ``url`` is a Redis URL redis-py takes."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a non-numeric port
+    except ValueError as exc:
+        raise ValueError(f"is not a URL ({exc})") from None
+    if parts.scheme not in _REDIS_SCHEMES:
+        raise ValueError(
+            f"must start with redis://, rediss:// or unix:// (got scheme {parts.scheme!r})"
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("names no host, e.g. redis://localhost:6379/0")
+    if port == 0:
+        raise ValueError("port 0 is not a port")
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise ValueError(f"the database after the host must be a number (got {db!r})")
+
+
+def check_database_url(url: str) -> None:
+    """Raise ValueError (without the password) unless SQLAlchemy can parse ``url``."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            "is not a SQLAlchemy URL, e.g. postgresql+psycopg://user:password@host/db "
+            "or sqlite:////path/to/file.db"
+        ) from None
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, fit for logs and status output."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<unparseable URL>"
 
 
 def webhook_keys(secret: SecretStr) -> list[bytes]:
@@ -203,10 +309,13 @@ def describe_validation_error(exc: ValidationError) -> str:
         field = ".".join(str(p) for p in err["loc"]) if err["loc"] else ""
         if field:
             name = f"{ENV_PREFIX}{str(err['loc'][0]).upper()}"
+            message = str(err["msg"]).removeprefix("Value error, ")
             if "secret" in name.lower():
-                lines.append(f"{name}: {err['msg']} (value not shown: it is a secret)")
+                lines.append(f"{name}: {message} (value not shown: it is a secret)")
+            elif name.endswith("_URL"):
+                lines.append(f"{name}: {message} (value not shown: it may hold a password)")
             else:
-                lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+                lines.append(f"{name}: {message} (got {err.get('input')!r})")
         else:
             lines.append(str(err["msg"]).removeprefix("Value error, "))
     return "invalid settings: " + "; ".join(lines)

@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, make_url, text
 from producer import Producer
 from shared.embedded_redis import EmbeddedRedis, child_environment, free_port
 from shared.providers.local import EchoEngine, LocalProvider, run_job
+from shared.providers.local.engines import Engine
 from shared.settings import ENV_PREFIX, Settings
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
@@ -190,13 +191,13 @@ def submit_requests(ctx: WorkerContext, n: int = 10) -> list[str]:
     return [h.id for h in producer.submit_many(requests)]
 
 
-def run_local_jobs(ctx: WorkerContext) -> None:
+def run_local_jobs(ctx: WorkerContext, engine: Engine | None = None) -> None:
     """Run every local-provider job that is not finished, as the worker's task would."""
     provider = ctx.provider("local")
     assert isinstance(provider, LocalProvider)
     for job in provider.store.list_jobs():
         if not job.is_terminal:
-            run_job(provider.store, job.id, EchoEngine())
+            run_job(provider.store, job.id, engine or EchoEngine())
 
 
 def drive_pipeline(ctx: WorkerContext, *, collect: bool = True) -> None:
@@ -219,8 +220,8 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     started: list[WorkerProcess] = []
 
     def start(settings: Settings, **env_overrides: str) -> WorkerProcess:
-        assert settings.redis_url is not None
-        env = child_environment(settings, settings.redis_url)
+        assert settings.configured_redis_url is not None
+        env = child_environment(settings, settings.configured_redis_url)
         env.update(settings_env(settings))
         env.update(env_overrides)
         n = len(started)

@@ -51,7 +51,16 @@ def test_up_submit_status_and_clean_stop(tmp_path: Path) -> None:
     # Given `batchbridge up` with no Redis configured
     env = cli_env(tmp_path)
     up = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "up", "--loglevel", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "up",
+            "--loglevel",
+            "WARNING",
+            "--no-flower",
+            "--no-metrics",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

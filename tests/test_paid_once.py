@@ -43,7 +43,7 @@ SETTINGS = {
 
 def ledger(settings: Settings, store: LocalStore, ids: set[str]) -> dict[str, int]:
     """Lost, duplicated, unexpected and double-billed requests, from effects."""
-    client = Redis.from_url(settings.redis_url or "")
+    client = Redis.from_url(settings.configured_redis_url or "")
     entries = client.xrange(Keys(settings.key_prefix).callback("svc"))
     client.close()
     delivered = Counter(Result.from_json(fields[b"result"]).request_id for _, fields in entries)

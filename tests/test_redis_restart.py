@@ -38,8 +38,8 @@ def probed_worker(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
 def start_probed_worker(
     settings: Settings, log_path: Path, started: list[WorkerProcess]
 ) -> WorkerProcess:
-    assert settings.redis_url is not None
-    env = child_environment(settings, settings.redis_url)
+    assert settings.configured_redis_url is not None
+    env = child_environment(settings, settings.configured_redis_url)
     env.update(settings_env(settings))
     worker = WorkerProcess(
         env,

@@ -69,7 +69,7 @@ def test_the_async_producer_and_the_cli_read_the_record_too(ctx: WorkerContext) 
 
     # And `batchbridge result` prints it
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHBRIDGE_")}
-    env["BATCHBRIDGE_REDIS_URL"] = ctx.settings.redis_url or ""
+    env["BATCHBRIDGE_REDIS_URL"] = ctx.settings.configured_redis_url or ""
     env["BATCHBRIDGE_DATABASE_URL"] = ctx.settings.sqlalchemy_url
     env["BATCHBRIDGE_DATA_DIR"] = str(ctx.settings.data_dir)
     shown = subprocess.run(

@@ -66,7 +66,7 @@ def stop_up(up: subprocess.Popen[str]) -> int:
 def test_up_restarts_a_killed_worker_and_a_killed_redis(tmp_path: Path) -> None:
     # Given `batchbridge up` with its embedded Redis, serving requests
     env = cli_env(tmp_path / "data")
-    up = start_up(env, tmp_path)
+    up = start_up(env, tmp_path, "--no-flower", "--no-metrics")
     try:
         submit_and_wait(env)
 
@@ -116,7 +116,16 @@ def test_up_gives_up_on_a_worker_that_keeps_dying(tmp_path: Path, own_redis: Red
     env["BATCHBRIDGE_REDIS_URL"] = server.url
 
     # When `up` runs, its worker exits at start-up every time
-    up = start_up(env, tmp_path, "--max-restarts", "2", "--restart-window", "120")
+    up = start_up(
+        env,
+        tmp_path,
+        "--max-restarts",
+        "2",
+        "--restart-window",
+        "120",
+        "--no-flower",
+        "--no-metrics",
+    )
     try:
         code = up.wait(90)
     finally:

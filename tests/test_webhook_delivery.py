@@ -267,7 +267,7 @@ def test_exhausted_retries_dead_letter_and_the_cli_lists_and_replays_them(
     assert "gave up after 3 attempts" in (delivery_row(hooks, rid).last_error or "")
     # When the operator lists failed deliveries and replays it by id
     for name, value in {
-        "BATCHBRIDGE_REDIS_URL": hooks.settings.redis_url or "",
+        "BATCHBRIDGE_REDIS_URL": hooks.settings.configured_redis_url or "",
         "BATCHBRIDGE_DATA_DIR": str(hooks.settings.data_dir),
         "BATCHBRIDGE_DATABASE_URL": hooks.settings.sqlalchemy_url,
         "BATCHBRIDGE_PROVIDER": "local",

@@ -106,7 +106,7 @@ def submit_chunk(
 
 def callback_results(settings: Settings) -> list[Result]:
     """Every result ever appended to callback queue ``svc``."""
-    client = Redis.from_url(settings.redis_url or "")
+    client = Redis.from_url(settings.configured_redis_url or "")
     entries = client.xrange(Keys(settings.key_prefix).callback("svc"))
     client.close()
     return [Result.from_json(fields[b"result"]) for _, fields in entries]

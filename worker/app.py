@@ -8,12 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from shared import task_names
 from shared.embedded_redis import resolve_redis_url
 from shared.settings import Settings
 from worker.broker import TRANSPORT_PATH
+from worker.log_format import adapt_handlers
+
+
+class BatchbridgeCelery(Celery):  # type: ignore[misc]  # Celery ships no types
+    """The Celery app, holding its settings outside ``conf``.
+
+    ``celery inspect conf`` and Flower's worker page show ``conf``; settings kept there would
+    show the Redis and database URLs (passwords included) in clear.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__("batchbridge", include=["worker.tasks"])
+        self.batchbridge_settings = settings
 
 
 class UnsafeCeleryConfig(RuntimeError):
@@ -46,6 +59,8 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         "task_send_sent_event": True,
         "beat_schedule": beat_schedule(settings),
         "beat_max_loop_interval": 5,
+        # Under the data directory (created at worker start), not the current directory.
+        "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),
         "timezone": "UTC",
     }
 
@@ -95,20 +110,28 @@ def check_delivery_invariants(conf: Any, settings: Settings) -> None:
         raise UnsafeCeleryConfig("; ".join(problems))
 
 
-def create_app(settings: Settings | None = None) -> Celery:
+def create_app(settings: Settings | None = None) -> BatchbridgeCelery:
     """Build the Celery app for ``settings`` (read from the environment when omitted)."""
     settings = settings or Settings.load()
-    app = Celery("batchbridge", include=["worker.tasks"])
+    app = BatchbridgeCelery(settings)
     app.conf.update(celery_config(settings, resolve_redis_url(settings)))
     check_delivery_invariants(app.conf, settings)
-    app.conf.batchbridge_settings = settings
     return app
 
 
-_app: Celery | None = None
+def _adapt_logging(logger: Any, **_: object) -> None:
+    # Celery has configured its handlers: make them quiet while idle, and JSON off a TTY.
+    adapt_handlers(logger)
 
 
-def __getattr__(name: str) -> Celery:
+signals.after_setup_logger.connect(_adapt_logging, weak=False)
+signals.after_setup_task_logger.connect(_adapt_logging, weak=False)
+
+
+_app: BatchbridgeCelery | None = None
+
+
+def __getattr__(name: str) -> BatchbridgeCelery:
     # `celery -A worker.app` and the task module need a module-level `app`; building it on
     # first use keeps importing this module (for its config functions) free of side effects.
     global _app

@@ -2,62 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import sys
-from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import orjson
 import typer
 from rich.console import Console
 
-from shared.embedded_redis import (
-    EmbeddedRedis,
-    RedisUnavailable,
-    child_environment,
-    embedded_redis_dir,
-)
-from shared.settings import Settings
-from worker import cli_requests, cli_webhooks
+from shared.embedded_redis import RedisUnavailable
+from worker import cli_cost, cli_metrics, cli_requests, cli_status, cli_submit, cli_webhooks
 from worker.cli_requests import fail, load_settings, worker_context
-from worker.processes import GaveUp, Supervised, Supervisor, WorkerProcess
+from worker.processes import GaveUp
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False
+)
 console = Console()
 err_console = Console(stderr=True)
 log = logging.getLogger("batchbridge")
-
-
-@contextlib.contextmanager
-def redis_for(settings: Settings, *, persistent: bool = True) -> Iterator[str]:
-    """The configured Redis URL, or a private embedded Redis for the duration of the block."""
-    with _redis_server(settings, persistent=persistent) as (url, _server):
-        yield url
-
-
-@contextlib.contextmanager
-def _redis_server(
-    settings: Settings, *, persistent: bool = True
-) -> Iterator[tuple[str, EmbeddedRedis | None]]:
-    if settings.redis_url:
-        yield settings.redis_url, None
-        return
-    server = EmbeddedRedis(
-        embedded_redis_dir(settings),
-        persistent=persistent,
-        appendfsync=settings.redis_appendfsync,
-    )
-    url = server.start()
-    err_console.print(
-        f"started embedded Redis at {url} (data in {server.directory}, "
-        f"appendfsync {settings.redis_appendfsync})"
-    )
-    try:
-        yield url, server
-    finally:
-        server.stop()
 
 
 @app.command()
@@ -68,97 +31,51 @@ def up(
         int, typer.Option(help="give up on a child that dies this many times ...")
     ] = 5,
     restart_window: Annotated[float, typer.Option(help="... within this many seconds")] = 60.0,
+    flower: Annotated[bool, typer.Option(help="run Flower on 127.0.0.1")] = True,
+    flower_port: Annotated[int, typer.Option(help="Flower's port")] = 5555,
+    metrics: Annotated[bool, typer.Option(help="serve Prometheus metrics on 127.0.0.1")] = True,
+    metrics_port: Annotated[int, typer.Option(help="the metrics port")] = 9808,
+    local_api: Annotated[
+        bool | None,
+        typer.Option(help="serve local-api at TOGETHER_BASE_URL [default: when it is loopback]"),
+    ] = None,
 ) -> None:
-    """Run Redis (embedded when BATCHBRIDGE_REDIS_URL is unset), a worker and its beat.
+    """Run the whole stack in the foreground: Redis, worker and beat, Flower, metrics.
+
+    Redis is embedded when BATCHBRIDGE_REDIS_URL is unset; local-api runs too when the
+    Together adapter's TOGETHER_BASE_URL points at this machine.
 
     A child that dies is restarted (with backoff); one that keeps dying makes ``up`` exit 1
-    saying which. Redis or a database that cannot be reached at start-up: exit 2.
+    saying which. Redis or a database that cannot be reached at start-up, or a data
+    directory another ``up`` holds: exit 2.
     """
+    from shared.startup_checks import SetupError
+    from worker.up import UpOptions, run_up
+
     settings = load_settings()
-    err_console.print(f"provider: {settings.default_provider}")
-    try:
-        with _redis_server(settings) as (url, server):
-            _preflight(settings, url)
-            worker = WorkerProcess(
-                child_environment(settings, url),
-                concurrency=concurrency or settings.worker_concurrency,
-                loglevel=loglevel,
-                schedule_path=settings.data_dir / "celerybeat-schedule",
-            )
-            children = [_supervised_worker(worker)]
-            if server is not None:
-                children.insert(0, _supervised_redis(server))
-            worker.start()
-            stop = _stop_on_signals()
-            try:
-                Supervisor(
-                    children,
-                    max_deaths=max_restarts,
-                    window=restart_window,
-                    say=lambda message: err_console.print(f"[yellow]{message}[/yellow]"),
-                ).watch(stop)
-            finally:
-                err_console.print("stopping worker ...")
-                worker.stop()
-    except GaveUp as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    err_console.print("stopped")
-
-
-def _preflight(settings: Settings, redis_url: str) -> None:
-    """Exit 2, saying why, when Redis or the database cannot be reached at all."""
-    from redis import Redis
-    from redis.exceptions import RedisError
-
-    from shared.db import make_engine
-
-    client = Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
-    try:
-        client.ping()
-    except RedisError as exc:
-        err_console.print(f"[red]error:[/red] cannot reach Redis at {redis_url}: {exc}")
-        raise typer.Exit(2) from None
-    finally:
-        client.close()
-    try:
-        make_engine(settings).dispose()
-    except Exception as exc:  # any driver's error: say it and stop
-        err_console.print(f"[red]error:[/red] cannot use the database: {exc}")
-        raise typer.Exit(2) from None
-
-
-def _supervised_worker(worker: WorkerProcess) -> Supervised:
-    def restart() -> None:
-        worker.stop()  # leaves none of the dead worker's pool or beat behind
-        worker.start()
-
-    def exit_code() -> int | None:
-        return worker.process.poll() if worker.process is not None else None
-
-    return Supervised("the worker", restart, worker.alive, exit_code)
-
-
-def _supervised_redis(server: EmbeddedRedis) -> Supervised:
-    def restart() -> None:
-        server.kill()  # reap the dead process; the same port and files come back
-        server.start()
-
-    return Supervised(
-        f"the embedded Redis (port {server.port})", restart, server.alive, server.exit_code
+    options = UpOptions(
+        concurrency=concurrency or settings.worker_concurrency,
+        loglevel=loglevel,
+        max_restarts=max_restarts,
+        restart_window=restart_window,
+        flower=flower,
+        flower_port=flower_port,
+        metrics=metrics,
+        metrics_port=metrics_port,
+        local_api=local_api,
     )
-
-
-def _stop_on_signals() -> Callable[[], bool]:
-    requested = False
-
-    def handler(_signum: int, _frame: object) -> None:
-        nonlocal requested
-        requested = True
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return lambda: requested
+    try:
+        run_up(
+            settings,
+            options,
+            say=lambda message: err_console.print(message, highlight=False, soft_wrap=True),
+            warn=lambda message: err_console.print(f"[yellow]{message}[/yellow]"),
+        )
+    except SetupError as exc:
+        raise fail(exc) from None
+    except GaveUp as exc:
+        raise fail(exc, code=1) from None
+    err_console.print("stopped")
 
 
 @app.command()
@@ -172,62 +89,8 @@ def demo(
     raise typer.Exit(run_demo(console, requests=requests, timeout=timeout))
 
 
-@app.command()
-def submit(
-    model: Annotated[str, typer.Option(help="model name")],
-    prompt: Annotated[str, typer.Option(help="the user message")],
-    max_tokens: Annotated[int | None, typer.Option(help="max_tokens")] = None,
-    wait: Annotated[bool, typer.Option(help="wait for the result and print it")] = False,
-    timeout: Annotated[float, typer.Option(help="seconds to wait")] = 600.0,
-    callback_queue: Annotated[str | None, typer.Option(help="callback queue")] = None,
-    webhook_url: Annotated[
-        str | None, typer.Option(help="POST the signed result to this URL")
-    ] = None,
-) -> None:
-    """Submit one request; print its id (and, with --wait, its result)."""
-    from producer import InvalidRequest, Producer
-
-    settings = load_settings()
-    try:
-        producer = Producer(settings=settings)
-        handle = producer.submit(
-            model,
-            [{"role": "user", "content": prompt}],
-            max_tokens=max_tokens,
-            callback_queue=callback_queue,
-            webhook_url=webhook_url,
-        )
-    except (InvalidRequest, RedisUnavailable) as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    console.print(handle.id)
-    if wait:
-        try:
-            result = handle.wait(timeout)
-        except TimeoutError as exc:
-            err_console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from None
-        shown = orjson.dumps(result.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
-        sys.stdout.write(shown.decode() + "\n")
-
-
-@app.command()
-def status(
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-) -> None:
-    """Pending requests per (provider, model) and batches by state."""
-    from worker.status import collect_status, render_status
-
-    settings = load_settings()
-    try:
-        report = collect_status(settings)
-    except RedisUnavailable as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    if as_json:
-        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        render_status(console, report)
+app.command("submit")(cli_submit.submit)
+app.command("status")(cli_status.status)
 
 
 @app.command("local-api")
@@ -380,14 +243,45 @@ def batches_fail(
 app.command("cancel")(cli_requests.cancel)
 app.command("result")(cli_requests.result)
 batches_app.command("cancel")(cli_requests.batches_cancel)
+batches_app.command("list")(cli_status.batches_list)
+batches_app.command("show")(cli_status.batches_show)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show tracebacks (and debug logs) on errors")
+    ] = False,
+) -> None:
+    """Route a single LLM request at a time into provider Batch API jobs."""
+    if debug:
+        logging.getLogger().setLevel(logging.DEBUG)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    app()
+    """Console-script entry point: one line and a non-zero exit for errors (--debug: all)."""
+    from worker.log_format import configure_cli_logging
 
+    configure_cli_logging()
+    debug = cli_requests.debugging()
+    try:
+        app(standalone_mode=True)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        from shared.errors import describe_error, exit_code_for
+
+        err_console.print(f"[red]error:[/red] {describe_error(exc)}", soft_wrap=True)
+        err_console.print("(run with --debug for the traceback)", style="dim")
+        sys.exit(exit_code_for(exc))
+
+
+app.add_typer(cli_webhooks.app, name="webhooks")
+app.command("cost")(cli_cost.cost)
+app.command("metrics")(cli_metrics.metrics)
 
 if __name__ == "__main__":
     main()
-app.add_typer(cli_webhooks.app, name="webhooks")

@@ -26,8 +26,19 @@ def load_settings() -> Settings:
     try:
         return Settings.load()
     except SettingsError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
+
+
+def debugging() -> bool:
+    """Whether ``batchbridge --debug`` was given (read by ``main`` too, outside any command)."""
+    return "--debug" in sys.argv[1:]
+
+
+def cli_failure(exc: BaseException) -> BaseException:
+    """What to raise for ``exc``: one described line and an exit, or under --debug ``exc``."""
+    from shared.errors import describe_error, exit_code_for
+
+    return exc if debugging() else fail(describe_error(exc), exit_code_for(exc))
 
 
 def fail(message: object, code: int = 2) -> typer.Exit:

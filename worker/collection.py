@@ -137,7 +137,7 @@ def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
         shutil.rmtree(workdir, ignore_errors=True)
         with contextlib.suppress(OSError):  # another attempt may still be using it
             workdir.parent.rmdir()
-    _finish_batch(ctx, batch, problems)
+    _finish_batch(ctx, batch, problems, dry_run=fan_out.dry_run)
     if batch.file_path:
         Path(batch.file_path).unlink(missing_ok=True)
     # After FINISHED is recorded: a crash before this leaves files at the provider, never a
@@ -226,6 +226,7 @@ class _FanOut:
         self.batch = batch
         self.attempts = attempts
         self.problems = problems
+        self.dry_run = False  # an echo engine answered: its tokens cost nothing
         self.seen: set[str] = set()
         self._held_back: dict[str, tuple[Path, int]] = {}
         self._pending: list[LineOutcome] = []
@@ -341,6 +342,12 @@ class _FanOut:
         except Exception:  # the metadata itself is what cannot be encoded
             return failed, self._result(failed, None).to_json()
 
+    def _dry_run(self, response: dict[str, Any] | None) -> bool:
+        # Noted for the whole batch too: its token counters say whether a model ran.
+        dry = Result.is_dry_run(response)
+        self.dry_run = self.dry_run or dry
+        return dry
+
     def _result(self, o: LineOutcome, meta: bytes | None) -> Result:
         usage = o.response.get("usage") if o.response else None
         return Result(
@@ -353,7 +360,7 @@ class _FanOut:
             attempts=self.attempts[o.request_id],
             metadata=orjson.loads(meta) if meta else None,
             # Said in the Result itself, so a consumer never takes echo text for an answer.
-            dry_run=Result.is_dry_run(o.response),
+            dry_run=self._dry_run(o.response),
         )
 
     def _record(
@@ -410,7 +417,9 @@ def token_count(usage: object, key: str) -> int:
     return int(min(max(value, 0), MAX_TOKENS))
 
 
-def _finish_batch(ctx: WorkerContext, batch: Batch, problems: LineProblems) -> None:
+def _finish_batch(
+    ctx: WorkerContext, batch: Batch, problems: LineProblems, *, dry_run: bool
+) -> None:
     table = Request.__table__  # type: ignore[attr-defined]
     with ctx.session() as session:
         counts = {
@@ -440,6 +449,8 @@ def _finish_batch(ctx: WorkerContext, batch: Batch, problems: LineProblems) -> N
             log.error("batch %s: %s", batch.id, summary)
             fields["error"] = f"{batch.error}; {summary}" if batch.error else summary
         source = BatchState(batch.state)
-        transition(session, batch.id, BatchState.FINISHED, expect=[source], **fields)
+        moved = transition(session, batch.id, BatchState.FINISHED, expect=[source], **fields)
         session.commit()
+    if moved:  # once per batch: the conditional update lets only one collector through
+        ctx.counters.tokens(batch.provider, batch.model, totals[0], totals[1], dry_run=dry_run)
     log.info("batch %s finished: %s", batch.id, {k: v[0] for k, v in counts.items()})

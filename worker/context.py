@@ -14,6 +14,7 @@ from redis import Redis
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from shared.counters import Counters, instrument_provider
 from shared.db import make_engine
 from shared.embedded_redis import resolve_redis_url
 from shared.providers.base import BatchProvider
@@ -34,12 +35,14 @@ class WorkerContext:
     dispatch_local: Callable[[str], None] | None = None
     keys: Keys = field(init=False)
     scripts: Scripts = field(init=False)
+    counters: Counters = field(init=False)
     _providers: dict[str, BatchProvider] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
         self.keys = Keys(self.settings.key_prefix)
         self.scripts = Scripts(self.redis)
+        self.counters = Counters(self.redis, self.keys)
 
     @classmethod
     def create(
@@ -56,12 +59,11 @@ class WorkerContext:
         return cls(settings, redis, make_engine(settings), dispatch_local)
 
     def provider(self, name: str) -> BatchProvider:
-        """The provider called ``name``, built once per process."""
+        """The provider called ``name``, built once per process, its failures counted."""
         with self._lock:
             if name not in self._providers:
-                self._providers[name] = build_provider(
-                    name, self.settings, dispatch=self.dispatch_local
-                )
+                provider = build_provider(name, self.settings, dispatch=self.dispatch_local)
+                self._providers[name] = instrument_provider(provider, self.counters)
             return self._providers[name]
 
     def session(self) -> Session:

@@ -57,6 +57,50 @@ def new_batch_id() -> str:
     return f"{int(time.time() * 1000):012x}{os.urandom(8).hex()}"
 
 
+@dataclass(frozen=True, slots=True)
+class FlushDecision:
+    """Whether a buffer is due to be packed, by which threshold, or how long until it is."""
+
+    reason: str | None  # "count", "bytes" or "age" when due; None while no threshold is met
+    wait_seconds: float  # 0 when due; else until the oldest request reaches the age limit
+    max_requests: int
+    max_bytes: int
+    max_wait_seconds: float
+
+
+def claim_thresholds(settings: Settings) -> tuple[int, int, int]:
+    """The (max requests, max bytes, max wait in ms) that ``claim.lua`` is given."""
+    return (
+        settings.max_batch_requests,
+        settings.max_batch_bytes,
+        int(settings.max_wait_seconds * 1000),
+    )
+
+
+def flush_decision(
+    settings: Settings, count: int, size: int, oldest_enq_ms: int | None, now_ms: int
+) -> FlushDecision:
+    """The rule ``claim.lua`` applies to a buffer (count, then bytes, then age), in Python.
+
+    The claim itself must decide inside Redis (atomically with taking the requests); this
+    mirror is for saying when and why a buffer will flush, and a test holds the two together.
+    """
+    max_n, max_bytes, max_wait_ms = claim_thresholds(settings)
+    # The script counts a request without an enqueue time as enqueued now.
+    age_ms = now_ms - (now_ms if oldest_enq_ms is None else oldest_enq_ms)
+    reason: str | None = None
+    if count == 0:
+        pass
+    elif count >= max_n:
+        reason = "count"
+    elif size >= max_bytes:
+        reason = "bytes"
+    elif age_ms >= max_wait_ms:
+        reason = "age"
+    wait_ms = 0 if reason else max_wait_ms - (age_ms if count else 0)
+    return FlushDecision(reason, wait_ms / 1000, max_n, max_bytes, max_wait_ms / 1000)
+
+
 def pack_due_buffers(ctx: WorkerContext, *, force: bool = False) -> list[PackedBatch]:
     """Pack every buffer that has reached a threshold (all non-empty ones if ``force``)."""
     packed: list[PackedBatch] = []
@@ -94,9 +138,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
             ctx.keys.base,
             buf,
             batch_id,
-            s.max_batch_requests,
-            s.max_batch_bytes,
-            int(s.max_wait_seconds * 1000),
+            *claim_thresholds(s),
             int(time.time() * 1000),
             "1" if force else "0",
         ],

@@ -13,6 +13,83 @@ from pathlib import Path
 from typing import IO
 
 from shared import task_names
+from shared.parent_death import die_with_parent
+
+
+class ChildProcess:
+    """One supervised command (Flower, the metrics server, local-api) in its own session."""
+
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        address: str = "",
+        *,
+        log_path: Path | None = None,
+        parent_death_signal: int = signal.SIGTERM,
+    ) -> None:
+        self.name = name
+        self.address = address  # where it listens, for people
+        self.command = command
+        self.env = env
+        self.log_path = log_path
+        self.parent_death_signal = parent_death_signal
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the command (output to ``log_path`` when given, else inherited)."""
+        if self.log_path is not None and self._log is None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            self.command,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT if self._log else None,
+            start_new_session=True,
+            preexec_fn=die_with_parent(self.parent_death_signal),
+        )
+
+    def alive(self) -> bool:
+        """Whether the command is running."""
+        return self.process is not None and self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        """The exit code once it has exited."""
+        return self.process.poll() if self.process is not None else None
+
+    def restart(self) -> None:
+        """Reap what is left of it, then start it again."""
+        self.stop(timeout=5.0)
+        self.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL of its process group if it lingers."""
+        process, self.process = self.process, None
+        if process is not None:
+            _terminate(process, timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def supervised(self) -> Supervised:
+        """This child as the supervisor sees it."""
+        return Supervised(self.name, self.restart, self.alive, self.exit_code)
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    # Whatever it started shares its group; leave none behind.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 class WorkerProcess:
@@ -29,6 +106,7 @@ class WorkerProcess:
         schedule_path: Path | None = None,
         hostname: str | None = None,
         include: tuple[str, ...] = (),
+        parent_death_signal: int | None = None,
     ) -> None:
         self.env = env
         self.beat = beat
@@ -38,6 +116,8 @@ class WorkerProcess:
         self.schedule_path = schedule_path
         self.hostname = hostname
         self.include = include  # extra task modules to import (tests use it for probes)
+        # SIGQUIT: Celery's cold shutdown, which stops the pool and the embedded beat at once.
+        self.parent_death_signal = parent_death_signal
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -71,6 +151,9 @@ class WorkerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, not the worker twice
+            preexec_fn=None
+            if self.parent_death_signal is None
+            else die_with_parent(self.parent_death_signal),
         )
         return self
 
@@ -86,17 +169,8 @@ class WorkerProcess:
     def stop(self, timeout: float = 30.0) -> None:
         """Warm shutdown (SIGTERM), then SIGKILL of the whole process group if it lingers."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
         if process is not None:
-            # Pool children and the embedded beat share the group; leave none behind.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
+            _terminate(process, timeout)  # pool children and the embedded beat too
         if self._log is not None:
             self._log.close()
             self._log = None

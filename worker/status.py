@@ -1,127 +1,183 @@
-"""What ``batchbridge status`` reports: pending buffers from Redis, batches from SQL."""
+"""What ``batchbridge status`` reports, read from Redis (the buffer) and SQL (the record).
+
+``status --json`` prints :func:`collect_status`'s dict. Its keys are stable (new ones may be
+added; none is renamed or removed). Ages and durations are seconds, times ISO 8601 in UTC.
+
+* ``generated_at``: when the report was read.
+* ``sources``: ``redis`` and ``database``, the URLs read, any password shown as ``***``.
+* ``thresholds``: ``max_batch_requests``, ``max_batch_bytes``, ``max_wait_seconds``,
+  ``aggregate_interval_seconds``: the settings the flush decisions below use.
+* ``pending``: one entry per non-empty buffer: ``provider``, ``model``, ``count``, ``bytes``,
+  ``oldest_age_seconds`` and ``flush``: ``due`` (a threshold is met: packed at the next
+  aggregate tick), ``reason`` (``count``, ``bytes``, ``age`` or null), ``in_seconds`` (until
+  the age limit; 0 when due), ``text`` (the same in words), ``max_requests``, ``max_bytes``,
+  ``max_wait_seconds``.
+* ``uncommitted_claims``: claims being packed into batch files right now.
+* ``batches``: per (``provider``, ``state``, ``status``): ``count``, ``requests``,
+  ``completed``, ``failed``, ``requeued`` (request counts; live for unfinished batches),
+  ``oldest_age_seconds`` and, for ended batches, ``last_ended_seconds_ago``. ``state`` is the
+  SQL state, ``status`` what the batch amounts to: ``held``, ``failed`` (also a batch the
+  record calls ``finished`` whose outcome is failed), ``cancelled``, ``requeued``,
+  ``expired``, ``lost``, ``no_output``, else the state.
+* ``active_batches`` (the 20 oldest unfinished), ``held_batches`` (all held, oldest first),
+  ``failed_batches`` (the 10 most recent; ``failed_batches_total`` counts them all),
+  ``batches_with_errors`` (the 10 most recently updated unfinished batches with an error):
+  batch summaries with ``batch``, ``provider``, ``model``, ``state``, ``status``,
+  ``outcome``, ``requests``, ``completed``, ``failed``, ``requeued``, ``age_seconds``,
+  ``created_at``, ``finished_at``, ``provider_batch_id``, ``provider_status``,
+  ``held_since``, ``cancel_requested_at``, ``error`` (the reason).
+* ``requests``: ``last_hour`` and ``last_day``, each ``{completed, failed, cancelled}``:
+  requests that reached that outcome in the window (from the SQL record).
+* ``callback_queues``: per queue: ``queue``, ``length`` (entries in its stream),
+  ``unacked`` (not yet acknowledged by the consumer group: ``delivered`` to a consumer and
+  awaiting its ack, plus ``undelivered``), ``consumers``, ``oldest_age_seconds`` (of the
+  oldest entry) and ``dead`` (entries in its dead-letter stream).
+* ``webhooks``: deliveries per state in the record (``pending``, ``delivered``, ``dead``:
+  dead letters) and ``outbox`` (deliveries queued in Redis).
+"""
 
 from __future__ import annotations
 
-import time
+from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
-from rich.console import Console
-from rich.table import Table
-from sqlalchemy import func
-from sqlmodel import Session, select
+from redis.exceptions import ResponseError
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlmodel import Session
 
 from shared.db import make_engine
 from shared.embedded_redis import resolve_redis_url
-from shared.models import Batch, BatchState
-from shared.redis_layout import Keys, split_buffer_name, text
-from shared.settings import Settings
+from shared.redis_layout import CALLBACK_GROUP, Keys, text
+from shared.settings import Settings, safe_url
+from worker import status_record as record
+from worker.status_buffers import buffer_report, read_buffers
+
+_ACTIVE_SHOWN = 20
+
+
+class StatusSource:
+    """Connections to Redis and the database, kept open across ``status --watch`` refreshes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self._redis_url = resolve_redis_url(settings)
+        self.redis = Redis.from_url(self._redis_url, socket_connect_timeout=5, socket_timeout=10)
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The database engine, made on first use."""
+        if self._engine is None:
+            self._engine = make_engine(self.settings)
+        return self._engine
+
+    def collect(self) -> dict[str, Any]:
+        """One status report (see the module docstring for its keys)."""
+        s = self.settings
+        now = datetime.now(UTC)
+        now_ms = int(now.timestamp() * 1000)
+        buffers = read_buffers(self.redis, self.keys, now_ms)
+        report: dict[str, Any] = {
+            "generated_at": now.isoformat(),
+            "sources": {"redis": safe_url(self._redis_url), "database": safe_database_url(s)},
+            "thresholds": {
+                "max_batch_requests": s.max_batch_requests,
+                "max_batch_bytes": s.max_batch_bytes,
+                "max_wait_seconds": s.max_wait_seconds,
+                "aggregate_interval_seconds": s.aggregate_interval_seconds,
+            },
+            "pending": [buffer_report(b, s) for b in buffers],
+            "uncommitted_claims": int(self.redis.zcard(self.keys.claims)),
+        }
+        with Session(self.engine) as session:
+            report["batches"] = record.batch_groups(session, now)
+            report["active_batches"] = record.active_batches(session, now, _ACTIVE_SHOWN)
+            report["held_batches"] = record.list_batches(session, now, "held", 1000, oldest=True)
+            report["failed_batches"] = record.failed_batches(session, now)
+            report["failed_batches_total"] = record.count_batches(session, "failed")
+            report["batches_with_errors"] = record.errored_batches(session, now)
+            report["requests"] = record.request_outcomes(session, now)
+            webhooks = record.webhook_counts(session)
+        report["callback_queues"] = callback_queues(self.redis, self.keys, now_ms)
+        report["webhooks"] = {**webhooks, "outbox": int(self.redis.zcard(self.keys.webhook_queue))}
+        return report
+
+    def close(self) -> None:
+        """Close the connections."""
+        self.redis.close()
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def __enter__(self) -> StatusSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
-    """Pending requests per buffer and batch counts per state."""
-    keys = Keys(settings.key_prefix)
-    client = Redis.from_url(resolve_redis_url(settings))
-    now_ms = time.time() * 1000
-    pending = []
-    try:
-        buffers: dict[Any, Any] = client.hgetall(keys.buffers)
-        for raw_buf, raw_bytes in sorted(buffers.items()):
-            buf = text(raw_buf)
-            count = int(client.zcard(keys.pending(buf)))
-            if not count:
-                continue
-            first: Any = client.zrange(keys.pending(buf), 0, 0)
-            enq: Any = client.hget(keys.request(text(first[0])), "enq") if first else None
-            provider, model = split_buffer_name(buf)
-            pending.append(
-                {
-                    "provider": provider,
-                    "model": model,
-                    "count": count,
-                    "bytes": int(raw_bytes),
-                    "oldest_age_seconds": round((now_ms - int(enq or now_ms)) / 1000, 1),
-                }
-            )
-        claims = int(client.zcard(keys.claims))
-    finally:
-        client.close()
-    engine = make_engine(settings)
-    try:
-        with Session(engine) as session:
-            rows = session.exec(
-                select(Batch.provider, Batch.state, func.count()).group_by(
-                    Batch.provider, Batch.state
-                )
-            )
-            batches = [{"provider": p, "state": s, "count": n} for p, s, n in rows]
-            troubled = session.exec(
-                select(Batch)
-                .where(Batch.error.is_not(None))  # type: ignore[union-attr]
-                .where(Batch.state != BatchState.FINISHED.value)
-                .order_by(Batch.updated_at.desc())  # type: ignore[attr-defined]
-                .limit(10)
-            )
-            errors = [
-                {
-                    "batch": b.id,
-                    "state": b.state,
-                    "provider": b.provider,
-                    "held_since": b.held_since.isoformat() if b.held_since else None,
-                    "error": b.error,
-                }
-                for b in troubled
-            ]
-            held = session.exec(
-                select(func.count())
-                .select_from(Batch)
-                .where(Batch.held_since.is_not(None))  # type: ignore[union-attr]
-                .where(Batch.state.in_([BatchState.PACKED.value, BatchState.UPLOADED.value]))  # type: ignore[attr-defined]
-            ).one()
-    finally:
-        engine.dispose()
-    return {
-        "pending": pending,
-        "uncommitted_claims": claims,
-        "batches": batches,
-        "batches_with_errors": errors,
-        "held_batches": int(held),
-    }
+    """One status report from freshly opened (and closed) connections."""
+    with StatusSource(settings) as source:
+        return source.collect()
 
 
-def render_status(console: Console, report: dict[str, Any]) -> None:
-    """Print the status report as tables."""
-    pending = Table(title="Pending requests")
-    for column in ("provider", "model", "count", "bytes", "oldest (s)"):
-        pending.add_column(column, justify="right" if column != "model" else "left")
-    for row in report["pending"]:
-        pending.add_row(
-            row["provider"],
-            row["model"],
-            str(row["count"]),
-            str(row["bytes"]),
-            str(row["oldest_age_seconds"]),
+def safe_database_url(settings: Settings) -> str:
+    """The database URL with any password replaced by ``***``."""
+    try:
+        return make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)
+    except Exception:  # an unparseable URL is refused at start-up; never echo it here
+        return "<unparseable URL>"
+
+
+def callback_queues(client: Redis, keys: Keys, now_ms: int) -> list[dict[str, Any]]:
+    """Backlog of every callback queue found in Redis (its stream or dead-letter stream)."""
+    live, dead = f"{keys.prefix}:cb:", f"{keys.prefix}:cbdead:"
+    names = {text(k).removeprefix(live) for k in client.scan_iter(match=f"{live}*", count=1000)}
+    names |= {text(k).removeprefix(dead) for k in client.scan_iter(match=f"{dead}*", count=1000)}
+    ordered = sorted(names)
+    pipe = client.pipeline(transaction=False)
+    for name in ordered:
+        pipe.xlen(keys.callback(name))
+        pipe.xinfo_groups(keys.callback(name))
+        pipe.xrange(keys.callback(name), count=1)
+        pipe.xlen(keys.callback_dead(name))
+    replies = pipe.execute(raise_on_error=False)
+    queues = []
+    for i, name in enumerate(ordered):
+        length, groups, first, dead_n = replies[4 * i : 4 * i + 4]
+        length = 0 if isinstance(length, ResponseError) else int(length)
+        group = _group(groups)
+        delivered = int(group["pending"]) if group else 0
+        lag = group.get("lag") if group else None
+        # Without a group nobody has read anything; acked entries are deleted (XACK + XDEL),
+        # so when Redis cannot tell the lag, what is left beyond the delivered is undelivered.
+        undelivered = length if not group else int(lag) if lag is not None else length - delivered
+        undelivered = max(0, undelivered)
+        oldest = None
+        if first and not isinstance(first, ResponseError):
+            oldest = round(max(0, now_ms - int(text(first[0][0]).split("-")[0])) / 1000, 1)
+        queues.append(
+            {
+                "queue": name,
+                "length": length,
+                "unacked": delivered + undelivered,
+                "delivered": delivered,
+                "undelivered": undelivered,
+                "consumers": int(group["consumers"]) if group else 0,
+                "oldest_age_seconds": oldest,
+                "dead": 0 if isinstance(dead_n, ResponseError) else int(dead_n),
+            }
         )
-    console.print(pending if report["pending"] else "No pending requests.")
-    batches = Table(title="Batches")
-    for column in ("provider", "state", "count"):
-        batches.add_column(column)
-    for row in report["batches"]:
-        batches.add_row(row["provider"], row["state"], str(row["count"]))
-    console.print(batches if report["batches"] else "No batches yet.")
-    if report.get("held_batches"):
-        console.print(
-            f"[red]{report['held_batches']} batch(es) on hold[/red]: the provider refuses them "
-            "or retries ran out; their requests are kept (see the errors below; "
-            "`batchbridge batches fail BATCH_ID` gives up on one)"
-        )
-    if report["batches_with_errors"]:
-        troubled = Table(title="Unfinished batches with errors (newest first)")
-        for column in ("batch", "state", "provider", "error"):
-            troubled.add_column(column, overflow="fold")
-        for row in report["batches_with_errors"]:
-            state = f"{row['state']} (held)" if row.get("held_since") else row["state"]
-            troubled.add_row(row["batch"], state, row["provider"], row["error"][:200])
-        console.print(troubled)
-    if report["uncommitted_claims"]:
-        console.print(f"{report['uncommitted_claims']} claim(s) being packed")
+    return queues
+
+
+def _group(groups: Any) -> dict[Any, Any] | None:
+    if isinstance(groups, ResponseError):
+        return None
+    for group in groups:
+        if text(group.get("name", b"")) == CALLBACK_GROUP:
+            return dict(group)
+    return None

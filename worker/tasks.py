@@ -16,12 +16,15 @@ from datetime import datetime, timedelta
 from celery import Task, signals
 
 from shared import task_names
-from shared.db import make_engine, poll_now
+from shared.db import poll_now
+from shared.embedded_redis import resolve_redis_url
 from shared.models import utcnow
 from shared.providers.base import ProviderBatchStatus
 from shared.providers.local import LocalProvider, get_engine, run_job
 from shared.providers.local.faults import Faults
 from shared.settings import Settings
+from shared.startup_checks import SetupError, check_all, ensure_data_dir
+from worker import task_summaries as summaries
 from worker.app import app
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
@@ -49,7 +52,7 @@ def context() -> WorkerContext:
     pid = os.getpid()
     ctx = _contexts.get(pid)
     if ctx is None:
-        settings: Settings = app.conf.batchbridge_settings
+        settings: Settings = app.batchbridge_settings
         ctx = WorkerContext.create(settings, dispatch_local=_dispatch_local)
         _contexts.clear()
         _contexts[pid] = ctx
@@ -60,9 +63,14 @@ def context() -> WorkerContext:
 def _check_and_prepare(**_: object) -> None:
     # Once in the parent, before the pool forks: fail fast on bad settings, and create the
     # tables here so pool children never race to create them.
-    settings: Settings = app.conf.batchbridge_settings
-    Faults.from_env()
-    make_engine(settings).dispose()
+    settings: Settings = app.batchbridge_settings
+    try:
+        # One line naming the variable to fix, rather than a traceback or endless retries.
+        ensure_data_dir(settings)  # the beat's schedule lives there, also with external SQL
+        check_all(settings, resolve_redis_url(settings))
+        Faults.from_env()
+    except (SetupError, ValueError) as exc:
+        raise SystemExit(f"batchbridge worker cannot start: {exc}") from None
     _check_redis(settings)
     remove_leftovers_at_startup(settings)
     log.warning("batchbridge worker starting; default provider: %s", settings.default_provider)
@@ -98,76 +106,76 @@ def _dispatch_local(job_id: str) -> None:
 
 
 @app.task(name=task_names.AGGREGATE)
-def aggregate(force: bool = False) -> int:
-    """Pack every due buffer into batch files; returns how many batches were packed."""
+def aggregate(force: bool = False) -> str:
+    """Pack every due buffer into batch files; says what was packed."""
     ctx = context()
     with ctx.lease("aggregate") as mine:
         if not mine:
-            return 0
+            return summaries.IDLE
         packed = pack_due_buffers(ctx, force=force)
     if packed:
         wake(task_names.SUBMIT)
-    return len(packed)
+    return summaries.packed(packed)
 
 
 @app.task(name=task_names.SUBMIT)
-def submit() -> int:
+def submit() -> str:
     """Upload and create provider jobs for packed batches."""
-    return len(submit_ready_batches(context()))
+    return summaries.batches_did("submitted", submit_ready_batches(context()))
 
 
 @app.task(name=task_names.POLL)
-def poll() -> int:
+def poll() -> str:
     """Poll submitted batches that are due; wake the collector for finished ones."""
     finished = poll_due_batches(context())
     if finished:
         wake(task_names.COLLECT)
-    return len(finished)
+    return summaries.batches_did("found finished", finished)
 
 
 @app.task(name=task_names.COLLECT)
-def collect() -> int:
+def collect() -> str:
     """Fan out the results of batches the provider has finished."""
     collected = collect_ready_batches(context())
     if collected:
         # Requests sent round again, and webhooks, should not wait for a full beat.
         wake(task_names.AGGREGATE)
         wake(task_names.WEBHOOKS)
-    return len(collected)
+    return summaries.batches_did("collected", collected)
 
 
 @app.task(name=task_names.WEBHOOKS)
-def deliver_webhooks() -> int:
-    """Send the webhook deliveries that are due, for a bounded time; how many were settled."""
+def deliver_webhooks() -> str:
+    """Send the webhook deliveries that are due, for a bounded time; says how it went."""
     ctx = context()
     # One sender at a time: it sends many deliveries at once itself, and a second would only
     # take a pool slot from the pipeline's own tasks.
     with ctx.lease("webhooks") as mine:
         if not mine:
-            return 0
+            return summaries.IDLE
         budget = min(30.0, ctx.settings.task_time_limit_seconds / 4)
         report = asyncio.run(deliver_due(ctx, budget_seconds=budget))
-    return report.settled
+    return summaries.webhooks_sent(report)
 
 
 @app.task(name=task_names.REAP)
-def reap() -> int:
+def reap() -> str:
     """Return abandoned claims to their buffers and remove crashed work's files."""
     ctx = context()
     with ctx.lease("reap") as mine:
         if not mine:
-            return 0
-        return reaper_pass(ctx)
+            return summaries.IDLE
+        return summaries.reaped(reaper_pass(ctx))
 
 
 @app.task(name=task_names.RECONCILE, bind=True, max_retries=30)
-def reconcile(self: Task, since: str | None = None, scan_orphans: bool = False) -> int:
-    """Repair, from the record, what a Redis that lost writes left behind; repairs made."""
+def reconcile(self: Task, since: str | None = None, scan_orphans: bool = False) -> str:
+    """Repair, from the record, what a Redis that lost writes left behind; says what."""
     ctx = context()
     with ctx.lease("reconcile") as mine:
         if not mine:
             if since is None:
-                return 0  # a periodic pass: the one running covers it
+                return summaries.IDLE  # a periodic pass: the one running covers it
             raise self.retry(countdown=ctx.settings.lease_seconds)  # the start-up pass must run
         check = check_epoch(ctx)
         if check.replaced:
@@ -182,7 +190,7 @@ def reconcile(self: Task, since: str | None = None, scan_orphans: bool = False) 
     if report.requeued or report.orphans or report.given_back:
         wake(task_names.AGGREGATE)
         wake(task_names.COLLECT)
-    return report.repairs
+    return summaries.reconciled(report)
 
 
 # Local jobs run beside the pool's tasks, a few at a time per process: run as tasks, slow
@@ -198,7 +206,7 @@ def local_run(job_id: str) -> str:
     threading.Thread(
         target=_run_local_job, args=(ctx, job_id), daemon=True, name=f"local job {job_id}"
     ).start()
-    return "started"
+    return f"started local batch {job_id}"
 
 
 def _run_local_job(ctx: WorkerContext, job_id: str) -> None:
@@ -224,7 +232,7 @@ def _run_local_job(ctx: WorkerContext, job_id: str) -> None:
 
 
 @app.task(name=task_names.LOCAL_SWEEP)
-def local_sweep() -> int:
+def local_sweep() -> str:
     """Re-dispatch local jobs whose run message was lost (none running, not finished)."""
     ctx = context()
     provider = ctx.provider("local")
@@ -240,4 +248,4 @@ def local_sweep() -> int:
             continue
         _dispatch_local(job.id)
         redispatched += 1
-    return redispatched
+    return summaries.local_redispatched(redispatched)

@@ -268,6 +268,9 @@ class _Sender:
         self._settle_redis(
             delivery, "retry" if result.verdict == "retry" else "done", attempts, delay
         )
+        # After the record, as each counter is: a crash before this repeats the attempt anyway.
+        counted = "retrying" if result.verdict == "retry" else result.verdict
+        self.ctx.counters.webhook_attempt(counted, result.status, sent=result.sent)
         self.report.settled += 1
         if result.status is not None:
             self.report.statuses[result.status] = self.report.statuses.get(result.status, 0) + 1

@@ -9,20 +9,49 @@
 --   {p}:wh:{id}        hash    the webhook delivery (url, type, result, at, attempts), and
 --   {p}:whq            zset    its due time (ms): when the request has a webhook URL
 --   {p}:torecord       list    the id, when no batch will record the outcome in SQL
+--   {p}:cbqueues       set     the callback queue's name (so metrics can find the queues)
+--   {p}:counters       hash    requests:{outcome} +1, and the request's end-to-end latency
+--                              (from its enqueue time "enq", when it has one) in the
+--                              histogram fields lat:{outcome}:{le} (the smallest bucket that
+--                              holds it) and lat_ms:{outcome} (the sum); see shared/counters.py
 -- Because the outcome, the stream entry and the outbox entry are one script, they reach the
 -- AOF together: a result is never delivered without its "done", which every script checks.
+-- The counters are in the same step, so each outcome is counted exactly once.
 local function bb_now_ms()
   local t = redis.call('TIME')
   return t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 end
 
+-- Upper bounds (s) of the latency buckets; shared/counters.py LATENCY_BUCKETS has the same.
+local BB_LATENCY_BUCKETS = {1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400,
+                            28800, 86400}
+
+local function bb_count_outcome(prefix, req, outcome)
+  local counters = prefix .. 'counters'
+  redis.call('HINCRBY', counters, 'requests:' .. outcome, 1)
+  local enq = tonumber(redis.call('HGET', req, 'enq'))
+  if not enq then return end  -- a hash rebuilt from the record: its submit time is unknown
+  local ms = math.floor(math.max(tonumber(bb_now_ms()) - enq, 0))
+  local le = '+Inf'
+  for _, bound in ipairs(BB_LATENCY_BUCKETS) do
+    if ms <= bound * 1000 then
+      le = tostring(bound)
+      break
+    end
+  end
+  redis.call('HINCRBY', counters, 'lat:' .. outcome .. ':' .. le, 1)
+  redis.call('HINCRBY', counters, 'lat_ms:' .. outcome, ms)
+end
+
 local function bb_terminal(prefix, id, buf, cbq, wh, outcome, result, ttl, unrecorded)
   local req = prefix .. 'req:' .. id
+  bb_count_outcome(prefix, req, outcome)
   redis.call('HSET', req, 'state', 'done', 'outcome', outcome, 'result', result)
   if buf and buf ~= '' then redis.call('HDEL', prefix .. 'bodies:' .. buf, id) end
   redis.call('EXPIRE', req, ttl)
   if cbq and cbq ~= '' then
     redis.call('XADD', prefix .. 'cb:' .. cbq, '*', 'result', result)
+    redis.call('SADD', prefix .. 'cbqueues', cbq)
   end
   if wh and wh ~= '' then
     local now = bb_now_ms()

@@ -1,8 +1,9 @@
 -- Put requests of a finished batch back into their pending buffer for another attempt.
 --
 -- KEYS[1]  {p}:buffers             hash    buf -> bytes waiting
--- Keys built here: {p}:req:{id}, {p}:pending:{buf}, and what bb_terminal (_terminal.lua)
--- writes for a request cancelled while batched
+-- Keys built here: {p}:req:{id}, {p}:pending:{buf}, {p}:counters (retries:{buf} +1 per
+-- request sent round again), and what bb_terminal (_terminal.lua) writes for a request
+-- cancelled while batched
 -- ARGV[1]  key prefix ("{p}:")     ARGV[2] batch id the requests must still belong to
 -- ARGV[3]  "1" to count this as an attempt, "0" when the provider never saw the batch
 -- ARGV[4]  result TTL (s)          ARGV[5..] request ids
@@ -26,6 +27,7 @@ for i = 5, #ARGV do
       if counts then redis.call('HINCRBY', req, 'attempts', 1) end
       redis.call('ZADD', prefix .. 'pending:' .. f[5], f[3], id)
       redis.call('HINCRBY', KEYS[1], f[5], f[4])
+      redis.call('HINCRBY', prefix .. 'counters', 'retries:' .. f[5], 1)
       out[1] = out[1] + 1
     end
   end

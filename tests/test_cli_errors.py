@@ -1,0 +1,78 @@
+"""CLI errors: one line and a non-zero exit; the traceback only with --debug."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.embedded_redis import free_port
+from tests.test_cli import batchbridge, cli_env
+
+PASSWORD = "pw-never-shown-42"
+
+
+@pytest.mark.parametrize(
+    "command", [["status"], ["submit", "--model", "m", "--prompt", "x"], ["result", "abc"]]
+)
+def test_an_unreachable_redis_is_one_line_naming_the_variable(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # Given a Redis URL (with a password) that nothing answers
+    env = cli_env(tmp_path)
+    env["BATCHBRIDGE_REDIS_URL"] = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"
+
+    # When a command needs Redis
+    done = batchbridge(env, *command)
+
+    # Then it exits 2 with one error line naming the variable, no traceback, no password
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "BATCHBRIDGE_REDIS_URL" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr and PASSWORD not in done.stderr + done.stdout
+    assert len(done.stderr.splitlines()) <= 2
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    env = cli_env(tmp_path)
+    env["BATCHBRIDGE_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    done = batchbridge(env, "--debug", "status")
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr
+
+
+def test_a_bad_database_url_stops_every_command_naming_it(tmp_path: Path) -> None:
+    env = cli_env(tmp_path)
+    env["BATCHBRIDGE_DATABASE_URL"] = "notaurl"
+    done = batchbridge(env, "status")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: invalid settings: BATCHBRIDGE_DATABASE_URL: ")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_a_misspelled_variable_is_warned_about(tmp_path: Path) -> None:
+    env = cli_env(tmp_path)
+    env["BATCHBRIDGE_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    env["BATCHBRIDGE_MAX_WAIT_SECOND"] = "5"
+    done = batchbridge(env, "status")
+    assert "did you mean BATCHBRIDGE_MAX_WAIT_SECONDS?" in done.stderr
+
+
+def test_a_celery_worker_that_cannot_reach_redis_stops_with_one_line(tmp_path: Path) -> None:
+    # Given `celery worker` (not `up`) pointed at a Redis that nothing answers
+    import subprocess
+    import sys
+
+    env = cli_env(tmp_path)
+    env["BATCHBRIDGE_REDIS_URL"] = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"
+
+    # When it starts / Then it exits at once saying which variable, without retrying for ever
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-c", "1"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "batchbridge worker cannot start: cannot reach Redis" in done.stderr
+    assert "BATCHBRIDGE_REDIS_URL" in done.stderr
+    assert "Traceback" not in done.stderr and "Trying again" not in done.stderr
+    assert PASSWORD not in done.stderr + done.stdout
