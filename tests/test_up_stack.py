@@ -169,6 +169,15 @@ def test_up_runs_a_workload_that_flower_metrics_status_and_cost_report(
         assert status.returncode == 0, status.stderr
         report = json.loads(status.stdout)
         assert report["pending"] == []
+        assert report["requests"]["last_hour"] == {
+            "completed": 2 * REQUESTS_PER_MODEL,
+            "failed": 0,
+            "cancelled": 0,
+        }
+        assert {(b["state"], b["status"]) for b in report["batches"]} == {("finished", "finished")}
+        assert sum(b["requests"] for b in report["batches"]) == 2 * REQUESTS_PER_MODEL
+        assert sum(b["completed"] for b in report["batches"]) == 2 * REQUESTS_PER_MODEL
+        assert report["failed_batches"] == [] and report["held_batches"] == []
         cost = batchbridge(env, "cost", "--json", "--by", "model")
         assert cost.returncode == 0, cost.stderr
         _check_cost(json.loads(cost.stdout), usage)
