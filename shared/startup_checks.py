@@ -67,7 +67,7 @@ def check_database(settings: Settings) -> None:
     except ModuleNotFoundError as exc:
         raise SetupError(
             f"{ENV_PREFIX}DATABASE_URL ({where}) needs the Python package {exc.name!r}, which "
-            "is not installed (for PostgreSQL: pip install 'psycopg[binary]')"
+            "is not installed (for PostgreSQL: pip install 'batchbridge[postgres]')"
         ) from None
     except SQLAlchemyError as exc:
         cause = getattr(exc, "orig", None) or exc

@@ -200,3 +200,11 @@ def test_a_bare_postgresql_url_uses_the_driver_that_ships(tmp_path: Path) -> Non
     assert settings.sqlalchemy_url == "postgresql+psycopg://u:p@db:5432/bb"
     other = Settings.load(data_dir=tmp_path, database_url="postgres://u@db/bb")
     assert other.sqlalchemy_url == "postgresql+psycopg://u@db/bb"
+
+
+def test_a_database_driver_that_is_not_installed_is_named(tmp_path: Path) -> None:
+    settings = Settings.load(data_dir=tmp_path, database_url="mysql+pymysql://u@127.0.0.1/bb")
+    with pytest.raises(SetupError) as err:
+        check_database(settings)
+    assert "BATCHBRIDGE_DATABASE_URL" in str(err.value) and "'pymysql'" in str(err.value)
+    assert "batchbridge[postgres]" in str(err.value)
