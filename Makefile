@@ -4,14 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CODE := producer worker shared
 
-.PHONY: run test lint typecheck unit bench install install-dev clean
+.PHONY: run test test-slow lint typecheck unit bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[worker,local-api]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
@@ -32,7 +32,11 @@ typecheck: install-dev
 	$(BIN)/mypy
 
 test: lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The end-to-end ledgers (a minute or more each); CI runs them after `make test`.
+test-slow: install-dev
+	$(BIN)/python -m pytest -q -m slow
 
 bench: install-dev
 	$(BIN)/python bench/bench_submit.py

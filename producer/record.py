@@ -8,12 +8,14 @@ imports or connects to a database.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from shared.settings import Settings
 
+log = logging.getLogger(__name__)
 # The record's request states as a producer reports them.
 _STATE_NAMES = {"requeued": "pending", "batched": "batched"}
 
@@ -67,7 +69,13 @@ class ResultRecord:
                     path = self._url.split("///", 1)[-1]
                     if not Path(path).exists():
                         return None
-                from sqlalchemy import create_engine
-
+                try:
+                    from sqlalchemy import create_engine
+                except ImportError:  # the base install: results live only as long as in Redis
+                    log.warning(
+                        "reading results older than BATCHBRIDGE_RESULT_TTL_SECONDS needs "
+                        "the SQL record: pip install 'batchbridge[postgres]'"
+                    )
+                    return None
                 self._engine = create_engine(self._url, pool_pre_ping=True)
             return self._engine

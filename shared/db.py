@@ -174,7 +174,7 @@ def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     if not rows:
         return 0
     dialect = session.get_bind().dialect
-    stmt = insert_over_requeued(session, ("batch_id", "state", "attempts"))
+    stmt = insert_over_requeued(session, ("batch_id", "state", "attempts", "line"))
     # Packing records up to 50,000 rows at once: compile the statement once and hand plain
     # values to the driver's executemany, skipping SQLAlchemy's per-row processing (which
     # tripled the time). Every value here is a str or int, which drivers take as they are, and

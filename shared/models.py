@@ -103,7 +103,11 @@ class Batch(SQLModel, table=True):
     request_count: int
     bytes: int
     flush_reason: str = Field(default="", max_length=16)
-    file_path: str = Field(default="", max_length=1024)
+    file_path: str = Field(default="", max_length=1024)  # on the packer's disk: scratch
+    # What any worker needs to rebuild the file byte for byte from Redis: the buffer holding
+    # the bodies, and the length (``bytes``) and digest the packer wrote.
+    buffer: str | None = Field(default=None, max_length=320)
+    file_sha256: str | None = Field(default=None, max_length=64)
     provider_file_id: str | None = Field(default=None, max_length=128)
     provider_batch_id: str | None = Field(default=None, max_length=128)
     provider_status: str | None = Field(default=None, max_length=64)
@@ -163,6 +167,8 @@ class Request(SQLModel, table=True):
     error_message: str | None = Field(default=None, sa_type=Text)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Its line in the batch file (0-based): the order a worker rebuilding the file writes.
+    line: int | None = None
     finished_at: datetime | None = None
     # The terminal Result's JSON, byte for byte what went on the callback stream, so a result
     # Redis lost can be delivered again from the record.

@@ -81,3 +81,23 @@ def check_all(settings: Settings, redis_url: str) -> None:
     ensure_data_dir(settings)
     check_redis(redis_url)
     check_database(settings)
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", ""})
+
+
+def sqlite_beside_remote_redis(settings: Settings, redis_url: str) -> str | None:
+    """A warning when the record is SQLite but Redis is on another host, else None.
+
+    A Redis elsewhere means workers on other machines, and each would keep a record of its
+    own in its own SQLite file, blind to the others' batches.
+    """
+    from urllib.parse import urlsplit
+
+    host = urlsplit(redis_url).hostname or ""
+    if not settings.sqlalchemy_url.startswith("sqlite") or host in _LOOPBACK:
+        return None
+    return (
+        f"the record is SQLite ({ENV_PREFIX}DATABASE_URL unset or sqlite) while Redis is on "
+        f"{host}: workers on other machines cannot share it; use PostgreSQL for more than one host"
+    )

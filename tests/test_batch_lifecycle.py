@@ -211,30 +211,63 @@ def test_a_create_that_happened_before_a_crash_is_adopted_not_repeated(
     assert len(provider.list_batches()) == 1
 
 
-def test_a_batch_whose_file_is_missing_sends_its_requests_round_again(
+def test_a_worker_without_the_batch_file_rebuilds_it_byte_for_byte_from_redis(
     ctx: WorkerContext,
 ) -> None:
-    # Given a packed batch whose file this worker cannot see (DATA_DIR not shared)
+    # Given a packed batch whose file this worker does not have (another worker packed it)
+    ctx.settings = ctx.settings.model_copy(update={"max_wait_seconds": 0.01})
+    ids = submit(ctx, 10)
+    (packed,) = pack_due_buffers(ctx)
+    original = packed.path.read_bytes()
+    packed.path.unlink()
+
+    # When it is submitted
+    submit_ready_batches(ctx)
+
+    # Then the provider received exactly the bytes the packer wrote
+    with ctx.session() as session:
+        batch = session.get(Batch, packed.id)
+    assert batch is not None and batch.state == BatchState.SUBMITTED, batch
+    provider = ctx.provider("local")
+    assert isinstance(provider, LocalProvider)
+    job = provider.store.get_job(batch.provider_batch_id or "")
+    assert provider.store.file_path(job.input_file_id).read_bytes() == original
+
+    # And its requests complete as usual
+    drive(ctx)
+    assert sorted(r.request_id for r in delivered(ctx)) == sorted(ids)
+
+
+def test_a_batch_file_that_cannot_be_rebuilt_sends_its_requests_round_again(
+    ctx: WorkerContext,
+) -> None:
+    # Given a packed batch whose file this worker lacks, and one of whose bodies Redis lost
     ctx.settings = ctx.settings.model_copy(update={"max_wait_seconds": 0.01})
     ids = submit(ctx, 10)
     (packed,) = pack_due_buffers(ctx)
     packed.path.unlink()
+    buf = buffer_name(DEFAULT_PROVIDER, "m-a")
+    ctx.redis.hdel(ctx.keys.bodies(buf), ids[3])
 
     # When it is submitted and collected
     submit_ready_batches(ctx)
     collect_ready_batches(ctx)
 
-    # Then nothing was sent or delivered, the batch says why, and the requests are pending
+    # Then nothing was sent, the batch says why, and its requests went back to their buffer
     assert delivered(ctx) == []
     with ctx.session() as session:
         batch = session.get(Batch, packed.id)
     assert batch is not None and batch.state == BatchState.FINISHED
-    assert batch.outcome == "unsent" and "DATA_DIR" in (batch.error or "")
+    assert batch.outcome == "unsent" and "rebuilt from Redis" in (batch.error or "")
     assert batch.requeued_count == 10
+    provider = ctx.provider("local")
+    assert isinstance(provider, LocalProvider)
+    assert provider.list_batches() == []
 
-    # And the next round packs them again and completes them
+    # And the next round packs the others again and completes them
     drive(ctx)
-    assert sorted(r.request_id for r in delivered(ctx)) == sorted(ids)
+    done = {r.request_id for r in delivered(ctx) if r.status == "completed"}
+    assert done == set(ids) - {ids[3]}
 
 
 def test_result_lines_are_read_in_both_providers_shapes() -> None:

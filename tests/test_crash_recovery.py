@@ -30,6 +30,7 @@ CHAOS = {
 }
 
 
+@pytest.mark.slow
 def test_killing_the_worker_mid_pipeline_loses_and_duplicates_nothing(
     redis_url: str, tmp_path: Path, start_worker: WorkerFactory
 ) -> None:

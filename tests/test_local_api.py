@@ -23,9 +23,9 @@ import uvicorn
 from together import Together
 from together.types import BatchJob as SdkBatchJob
 
-from shared.local_api import Faults, create_app
 from shared.providers.base import ProviderError
 from shared.providers.local import CallFaults, EchoEngine, LocalProvider, LocalStore, run_job
+from shared.providers.local.api import Faults, create_app
 from shared.providers.registry import build_provider
 from shared.providers.together import TogetherProvider
 from shared.settings import Settings

@@ -208,3 +208,13 @@ def test_a_database_driver_that_is_not_installed_is_named(tmp_path: Path) -> Non
         check_database(settings)
     assert "BATCHBRIDGE_DATABASE_URL" in str(err.value) and "'pymysql'" in str(err.value)
     assert "batchbridge[postgres]" in str(err.value)
+
+
+def test_sqlite_beside_a_redis_on_another_host_is_warned_about(tmp_path: Path) -> None:
+    from shared.startup_checks import sqlite_beside_remote_redis
+
+    sqlite = Settings.load(data_dir=tmp_path)
+    assert "use PostgreSQL" in (sqlite_beside_remote_redis(sqlite, "redis://10.1.2.3:6379/0") or "")
+    assert sqlite_beside_remote_redis(sqlite, "redis://127.0.0.1:6379/0") is None
+    postgres = Settings.load(data_dir=tmp_path, database_url="postgresql://u@db/bb")
+    assert sqlite_beside_remote_redis(postgres, "redis://10.1.2.3:6379/0") is None

@@ -37,9 +37,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from together import Together
 from together.types import BatchJob as SdkBatchJob
 
-from shared.local_api import create_app
 from shared.providers.base import BatchProvider, ProviderBatch, ProviderBatchStatus, ProviderError
 from shared.providers.local import EchoEngine, Faults, LocalProvider, LocalStore, run_job
+from shared.providers.local.api import create_app
 from shared.providers.together import TogetherProvider
 
 pytestmark = pytest.mark.timeout(60)

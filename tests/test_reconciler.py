@@ -166,11 +166,20 @@ def test_a_wiped_redis_is_noticed_and_results_come_back_from_the_record(
 
 
 def unsent_batch(ctx: WorkerContext, n: int) -> tuple[list[str], int]:
-    """Requests packed into a batch that could not be sent (its file vanished)."""
+    """Requests packed into a batch that could not be sent.
+
+    Its file vanished and it cannot be rebuilt: it records no digest, as from an older version.
+    """
     ids = submit(ctx, n)
     waiting = int(ctx.redis.hget(ctx.keys.buffers, BUF) or 0)
     (packed,) = pack_due_buffers(ctx, force=True)
     packed.path.unlink()
+    with ctx.session() as session:
+        batch = session.get(Batch, packed.id)
+        assert batch is not None
+        batch.file_sha256 = None
+        session.add(batch)
+        session.commit()
     submit_ready_batches(ctx)  # -> FAILED, outcome unsent: the collector requeues them all
     return ids, waiting
 

@@ -36,7 +36,7 @@ from shared.settings import Settings
 from tests.conftest import LocalApiFactory, WorkerFactory, make_settings
 from tests.webhook_receiver import Receiver, serve_receiver
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 TRICKLE, CHUNK, BURST = 2500, 50, 500
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
@@ -171,7 +171,8 @@ def test_every_request_reaches_one_outcome_delivered_once_to_queue_and_webhook(
             time.sleep(1.0)
         # And ten requests are cancelled after they finished (nothing left to cancel)
         untouched = [r for r in index if r not in cancels.buffered | cancels.batched]
-        for request_id in untouched[100:2100:200]:
+        after_finish = untouched[100:2100:200]
+        for request_id in after_finish:
             cancels.cancel(producer, request_id)
         time.sleep(4.0)  # a duplicate (or a late retry) would have arrived by now
 
@@ -203,7 +204,10 @@ def test_every_request_reaches_one_outcome_delivered_once_to_queue_and_webhook(
         assert len(ids) == (2 if i % 7 == 0 else 1), (rid, ids)
 
     # And cancelled requests ended cancelled, in every state they were cancelled from
-    assert (len(cancels.buffered), len(cancels.batched), len(cancels.finished)) == (20, 20, 10)
+    # (a request picked while batched may finish before its cancel: it counts as finished and
+    # the loop picks another, so only the ten cancelled after finishing are fixed there)
+    assert (len(cancels.buffered), len(cancels.batched), len(after_finish)) == (20, 20, 10)
+    assert set(after_finish) <= cancels.finished.keys()
     for rid in cancels.buffered | cancels.batched:
         assert outcome[rid].status == "cancelled", (rid, outcome[rid])
     for rid, before in cancels.finished.items():

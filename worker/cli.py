@@ -131,7 +131,7 @@ def local_api(
     """Serve a Together-compatible Batch API backed by the local provider (no Redis needed)."""
     import dataclasses
 
-    from shared.local_api.server import serve
+    from shared.providers.local.api.server import serve
     from shared.providers.local.faults import Faults, parse_window
 
     settings = load_settings()

@@ -33,6 +33,7 @@ from shared.models import Batch, BatchState, utcnow
 from shared.providers.base import BatchProvider, ProviderBatch, ProviderError
 from worker.backoff import CEILING_SECONDS, backoff
 from worker.batch_cancel import cancel_unsent
+from worker.batch_files import batch_file
 from worker.batch_loop import each_batch
 from worker.context import WorkerContext
 from worker.reconciler import batch_still_owns_requests
@@ -94,11 +95,13 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
         return False
     try:
         if batch.state == BatchState.PACKED:
-            path = Path(batch.file_path)
-            if not path.exists():
-                _give_back_unsent(ctx, batch, f"batch file {path} is missing on this worker")
+            path = batch_file(ctx, batch)
+            if isinstance(path, str):
+                _give_back_unsent(ctx, batch, f"its batch file cannot be had: {path}")
                 return False
             file_id = provider.upload_file(path)
+            if path != Path(batch.file_path):
+                path.unlink(missing_ok=True)  # a copy rebuilt here, only needed for the upload
             with ctx.session() as session:
                 uploaded = transition(
                     session,
@@ -331,7 +334,7 @@ def _give_back_unsent(ctx: WorkerContext, batch: Batch, reason: str) -> None:
             BatchState.FAILED,
             expect=[BatchState.PACKED],
             outcome="unsent",
-            error=f"{reason}; DATA_DIR must be shared by every worker",
+            error=reason,
         )
         session.commit()
     log.error("batch %s: %s", batch.id, reason)

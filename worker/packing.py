@@ -31,12 +31,12 @@ from shared.models import Batch, BatchState, RequestState, utcnow
 from shared.redis_layout import split_buffer_name, text
 from shared.schemas import DEFAULT_PROVIDER
 from shared.settings import Settings
+from worker.batch_files import WrittenFile, write_lines
 from worker.claims import abandon_claim, release_claim
 from worker.context import WorkerContext
 from worker.reconciler import repair_batch
 
 log = logging.getLogger(__name__)
-_READ_CHUNK = 5000  # requests per HMGET of bodies: ~5 MB, few round trips
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +158,14 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         bytes=int(size),
         flush_reason=reason,
         file_path=str(path),
+        buffer=buf,
         next_poll_at=utcnow(),
     )
     try:
         # The claimed size also counts metadata (it travels with every result); the record
         # keeps the file's exact length.
-        batch.bytes = write_batch_file(ctx, batch_id, buf, claimed[::4], path)
+        written = write_batch_file(ctx, batch_id, buf, claimed[::4], path)
+        batch.bytes, batch.file_sha256 = written.bytes, written.sha256
         rows = request_rows(batch_id, claimed)
         with ctx.session() as session:
             session.add(batch)
@@ -184,7 +186,6 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     except Exception:
         # Disk full, database down...: hand the requests straight back rather than leaving
         # them to the reaper, then let the caller log it.
-        path.with_suffix(".jsonl.tmp").unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         with contextlib.suppress(Exception):
             abandon_claim(ctx, batch_id)
@@ -247,37 +248,20 @@ def request_rows(batch_id: str, claimed: list[bytes]) -> list[dict[str, Any]]:
             "webhook_url": webhook_url.decode(),
             "prompt_tokens": 0,
             "completion_tokens": 0,
+            "line": line,
         }
-        for request_id, cbq, attempts, webhook_url in zip(
-            claimed[0::4], claimed[1::4], claimed[2::4], claimed[3::4], strict=True
+        for line, (request_id, cbq, attempts, webhook_url) in enumerate(
+            zip(claimed[0::4], claimed[1::4], claimed[2::4], claimed[3::4], strict=True)
         )
     ]
 
 
 def write_batch_file(
     ctx: WorkerContext, batch_id: str, buf: str, ids: list[bytes], path: Path
-) -> int:
-    """Stream the claimed requests into ``path`` as Together JSONL, fsynced and renamed.
+) -> WrittenFile:
+    """Stream the claimed requests into ``path`` as Together JSONL, oldest first.
 
-    Returns the file's length in bytes.
+    Each request's row records its line, so any worker can rebuild the same bytes from the
+    record and Redis (``worker/batch_files.py``).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    written = 0
-    with open(tmp, "wb", buffering=1 << 20) as out:
-        for start in range(0, len(ids), _READ_CHUNK):
-            chunk = ids[start : start + _READ_CHUNK]
-            bodies: list[Any] = ctx.redis.hmget(ctx.keys.bodies(buf), chunk)
-            lines = []
-            for request_id, body in zip(chunk, bodies, strict=True):
-                if body is None:
-                    # Only a Redis that lost data gets here; the collector then reports the
-                    # request as not executed and it goes round again until out of attempts.
-                    log.error("request %s has no body; left out of batch %s", request_id, batch_id)
-                    continue
-                lines.append(b'{"custom_id":"' + request_id + b'","body":' + body + b"}\n")
-            written += out.write(b"".join(lines))
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    return written
+    return write_lines(ctx, batch_id, buf, ids, path)

@@ -23,7 +23,12 @@ from shared.providers.base import ProviderBatchStatus
 from shared.providers.local import LocalProvider, get_engine, run_job
 from shared.providers.local.faults import Faults
 from shared.settings import Settings
-from shared.startup_checks import SetupError, check_all, ensure_data_dir
+from shared.startup_checks import (
+    SetupError,
+    check_all,
+    ensure_data_dir,
+    sqlite_beside_remote_redis,
+)
 from worker import task_summaries as summaries
 from worker.app import app
 from worker.collection import collect_ready_batches
@@ -74,6 +79,9 @@ def _check_and_prepare(**_: object) -> None:
     _check_redis(settings)
     remove_leftovers_at_startup(settings)
     log.warning("batchbridge worker starting; default provider: %s", settings.default_provider)
+    warning = sqlite_beside_remote_redis(settings, resolve_redis_url(settings))
+    if warning:
+        log.error("%s", warning)
     if settings.default_provider == "together" and not os.environ.get("TOGETHER_API_KEY"):
         log.error("BATCHBRIDGE_PROVIDER is together but TOGETHER_API_KEY is not set")
 

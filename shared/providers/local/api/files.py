@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from shared.local_api.errors import ApiError, json_response
+from shared.providers.local.api.errors import ApiError, json_response
 from shared.providers.local.records import StoredFile
 from shared.providers.local.store import LocalStore, NotFound
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import uvicorn
 
-from shared.local_api.app import create_app
+from shared.providers.local.api.app import create_app
 from shared.providers.local.faults import Faults
 
 log = logging.getLogger(__name__)

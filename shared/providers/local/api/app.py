@@ -15,18 +15,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from shared.local_api.batches import batch_routes
-from shared.local_api.errors import (
+from shared.providers.local.api.batches import batch_routes
+from shared.providers.local.api.errors import (
     ApiError,
     handle_api_error,
     handle_http_exception,
     handle_unexpected,
     json_response,
 )
-from shared.local_api.files import file_routes
-from shared.local_api.guard import GuardMiddleware
-from shared.local_api.jobs import JobExecutor
-from shared.local_api.uploads import upload_routes
+from shared.providers.local.api.files import file_routes
+from shared.providers.local.api.guard import GuardMiddleware
+from shared.providers.local.api.jobs import JobExecutor
+from shared.providers.local.api.uploads import upload_routes
 from shared.providers.local.engines import get_engine
 from shared.providers.local.faults import CallFaults, Faults
 from shared.providers.local.store import LocalStore

@@ -7,7 +7,7 @@ import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.local_api.errors import error_response
+from shared.providers.local.api.errors import error_response
 from shared.providers.local.faults import CallFaults
 
 

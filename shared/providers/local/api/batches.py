@@ -12,8 +12,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from shared.local_api.errors import ApiError, json_response
-from shared.local_api.jobs import JobExecutor
+from shared.providers.local.api.errors import ApiError, json_response
+from shared.providers.local.api.jobs import JobExecutor
 from shared.providers.local.faults import CallFaults, Faults
 from shared.providers.local.records import BatchJob
 from shared.providers.local.store import LocalStore, NotFound

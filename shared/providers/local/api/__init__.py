@@ -6,8 +6,8 @@ resource paths already start with ``/v1``, so the base URL must not end in ``/v1
 
 from __future__ import annotations
 
-from shared.local_api.app import create_app
-from shared.local_api.server import serve
+from shared.providers.local.api.app import create_app
+from shared.providers.local.api.server import serve
 from shared.providers.local.faults import Faults
 
 __all__ = ["Faults", "create_app", "serve"]

@@ -1,4 +1,4 @@
-"""``python -m shared.local_api``: serve the local Together-compatible Batch API."""
+"""``python -m shared.providers.local.api``: serve the local Together-compatible Batch API."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from shared.local_api.server import serve
+from shared.providers.local.api.server import serve
 from shared.providers.local.faults import Faults
 
 API_KEY_ENV = "BATCHBRIDGE_LOCAL_API_KEY"
@@ -16,7 +16,7 @@ API_KEY_ENV = "BATCHBRIDGE_LOCAL_API_KEY"
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve."""
     parser = argparse.ArgumentParser(
-        prog="python -m shared.local_api",
+        prog="python -m shared.providers.local.api",
         description=(
             "Serve a Together-compatible Batch API. The API key, if any, is read from "
             f"{API_KEY_ENV}; faults from BATCHBRIDGE_LOCAL_FAIL_RATE, _LINE_ERROR_RATE, "

@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from shared.local_api.errors import ApiError, json_response
+from shared.providers.local.api.errors import ApiError, json_response
 from shared.providers.local.file_writer import FileWriter
 from shared.providers.local.store import FILE_TYPES, LocalStore, NotFound
 

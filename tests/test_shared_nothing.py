@@ -1,0 +1,147 @@
+"""Workers that share no disk: two workers whose data directories are hidden from each other,
+one Redis, one PostgreSQL database and one provider (``local-api``), and one SIGKILLed midway.
+
+Each worker runs in a mount namespace of its own with an empty tmpfs over the other's data
+directory, so a batch file one packs is invisible to the other, as on two machines. The ledger
+is counted from effects (callback stream entries, provider input files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session, select
+
+from producer import Producer
+from shared.db import make_engine
+from shared.embedded_redis import child_environment
+from shared.models import Batch, BatchState
+from shared.providers.local import LocalStore
+from shared.settings import Settings
+from tests.conftest import PG_URL, LocalApiFactory, make_settings, private_postgres_database
+from tests.conftest import settings_env as env_of
+from tests.test_paid_once import CLEAN, settled_ledger
+from worker.processes import WorkerProcess
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(PG_URL is None, reason="needs BATCHBRIDGE_TEST_DATABASE_URL (PostgreSQL)"),
+    pytest.mark.skipif(
+        shutil.which("unshare") is None or os.geteuid() != 0,
+        reason="hiding each worker's data directory needs unshare -m as root",
+    ),
+]
+
+WAVE = 1500
+SETTINGS = {
+    "provider": "together",
+    "max_batch_requests": 100,
+    "max_wait_seconds": 0.5,
+    "poll_interval_seconds": 0.5,
+    "aggregate_interval_seconds": 0.3,
+    "submit_interval_seconds": 0.3,
+    "reap_interval_seconds": 1.0,
+    "lease_seconds": 2.0,
+    "claim_timeout_seconds": 5.0,
+    "provider_timeout_seconds": 5.0,
+}
+
+
+class HiddenWorker:
+    """A Celery worker (with its beat) that cannot see ``hidden``, the other's data dir."""
+
+    def __init__(self, settings: Settings, hidden: Path, log: Path, api: str, key: str) -> None:
+        assert settings.configured_redis_url is not None
+        env = child_environment(settings, settings.configured_redis_url)
+        env.update(env_of(settings), TOGETHER_BASE_URL=api, TOGETHER_API_KEY=key)
+        celery = WorkerProcess(env, concurrency=2, loglevel="INFO").command()
+        mount = f'mount -t tmpfs batchbridge-hidden {hidden} && exec "$@"'
+        command = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", *celery]
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def kill(self) -> None:
+        """SIGKILL the worker, its pool and its beat: a machine that died."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        """Warm shutdown, then whatever is left of its group."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(30)
+        self.kill()
+
+
+@pytest.fixture
+def shared_database() -> Iterator[str]:
+    """A PostgreSQL database of this test's own, dropped afterwards."""
+    assert PG_URL is not None
+    with private_postgres_database(PG_URL) as url:
+        yield url
+
+
+def test_two_workers_with_separate_data_dirs_answer_every_request_once(
+    redis_url: str, tmp_path: Path, shared_database: str, start_local_api: LocalApiFactory
+) -> None:
+    # Given one provider, and two workers whose data directories cannot see each other
+    api = start_local_api("--line-delay", "0.002")
+    dirs = [tmp_path / "machine-a", tmp_path / "machine-b"]
+    settings = [make_settings(redis_url, d, database_url=shared_database, **SETTINGS) for d in dirs]
+    for d in dirs:
+        d.mkdir()
+    workers = [
+        HiddenWorker(settings[i], dirs[1 - i], tmp_path / f"worker-{i}.log", api.url, api.api_key)
+        for i in range(2)
+    ]
+    try:
+        # When 1,500 requests arrive while both work, then 1,500 more as one worker is killed
+        producer = Producer(settings=settings[0])
+        ids: set[str] = set()
+        for wave in range(2):
+            for chunk in range(10):
+                handles = producer.submit_many(
+                    {
+                        "model": "m-x",
+                        "messages": [{"role": "user", "content": f"wave {wave} {chunk}/{i}"}],
+                        "callback_queue": "svc",
+                    }
+                    for i in range(WAVE // 10)
+                )
+                ids.update(h.id for h in handles)
+                time.sleep(0.3)
+                if wave == 1 and chunk == 4:
+                    workers[1].kill()
+        producer.close()
+        store = LocalStore(tmp_path / "local-api-0" / "local_api")
+
+        # Then every request was answered exactly once and billed exactly once
+        assert settled_ledger(settings[0], store, ids, timeout=200) == CLEAN
+        # And no batch was bounced for a missing file: every one completed
+        engine = make_engine(settings[0])
+        with Session(engine) as session:
+            batches = list(session.exec(select(Batch)))
+        engine.dispose()
+        assert {b.state for b in batches} == {BatchState.FINISHED}
+        assert {b.outcome for b in batches} == {"completed"}, [
+            (b.id, b.outcome, b.error) for b in batches if b.outcome != "completed"
+        ]
+        # And files really crossed machines: some were rebuilt by a worker that had not packed
+        logs = "".join(w.log.read_text(errors="replace") for w in workers)
+        assert "rebuilt its file from Redis" in logs
+    finally:
+        for worker in workers:
+            worker.stop()
