@@ -100,6 +100,12 @@ class CallbackQueue:
     ) -> None:
         self.settings = settings or Settings.load()
         self._client = client or Redis.from_url(redis_url or resolve_redis_url(self.settings))
+        # Block in slices of half the client's socket timeout (5 s by default since redis-py
+        # 8): a read blocked for longer fails with TimeoutError instead of waiting.
+        socket_timeout = self._client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._block_slice_ms = (
+            60_000 if socket_timeout is None else max(int(socket_timeout * 500), 10)
+        )
         self.name = name
         keys = Keys(self.settings.key_prefix)
         self.key = keys.callback(name)
@@ -139,7 +145,7 @@ class CallbackQueue:
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
                 continue
-            wait_ms = self.visibility_timeout_ms
+            wait_ms = min(self.visibility_timeout_ms, self._block_slice_ms)
             if deadline is not None:
                 wait_ms = min(wait_ms, int((deadline - time.monotonic()) * 1000))
                 if wait_ms <= 0:

@@ -26,6 +26,8 @@ class AggregatorWaker:
     def wake(self, bufs: set[str]) -> None:
         """Ask a worker to aggregate now; a lost wake-up only costs one beat of latency."""
         for buf in bufs:
+            if self._app() is None:
+                return
             if not self._client.set(self._keys.wake(buf), b"1", nx=True, px=_DEBOUNCE_MS):
                 continue
             try:
@@ -36,7 +38,14 @@ class AggregatorWaker:
     def _app(self) -> Any:
         if self._celery is None:
             # Imported lazily: most submits never cross a threshold, and Celery is slow to import.
-            from celery import Celery
-
+            try:
+                from celery import Celery
+            except ImportError:  # the producer-only install: the beat's next tick packs it
+                log.info(
+                    "no aggregate wake-ups without Celery (pip install 'batchbridge[worker]'): "
+                    "a full buffer waits for the next aggregate tick"
+                )
+                self._celery = False
+                return None
             self._celery = Celery("batchbridge-producer", broker=self._broker_url)
-        return self._celery
+        return self._celery or None

@@ -280,3 +280,27 @@ def test_a_consumer_carries_on_after_redis_lost_its_group(
     # Then the consumer makes its group again and gets the result
     delivery = queue.get(timeout=1.0)
     assert delivery is not None and delivery.result.request_id == "r1"
+
+
+def test_a_wait_longer_than_the_socket_timeout_waits_instead_of_failing(
+    settings: Settings, redis_url: str
+) -> None:
+    # Given a queue whose Redis client gives up on a socket read after one second (redis-py 8
+    # does after five by default), and a result that arrives only after two seconds
+    client = Redis.from_url(redis_url, socket_timeout=1.0)
+    queue = CallbackQueue("slow", settings=settings, client=client)
+    assert queue.get(timeout=0.1) is None  # creates the group
+    late = threading.Timer(
+        2.0,
+        lambda: client.xadd(
+            queue.key, {"result": Result(request_id="r1", status="completed").to_json()}
+        ),
+    )
+    late.start()
+    try:
+        # When a consumer waits three seconds / Then it gets the result, no TimeoutError
+        delivery = queue.get(timeout=3.0)
+    finally:
+        late.cancel()
+        queue.close()
+    assert delivery is not None and delivery.result.request_id == "r1"
