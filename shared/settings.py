@@ -13,7 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.limits import TOGETHER_MAX_BATCH_BYTES, TOGETHER_MAX_BATCH_REQUESTS
@@ -39,7 +46,9 @@ class SettingsError(ValueError):
 class Settings(BaseSettings):
     """Everything configurable about batchbridge; passed explicitly, never global."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True
+    )
 
     # Both URLs may carry passwords: SecretStr keeps them out of reprs, logs and Celery's conf.
     redis_url: SecretStr | None = Field(
@@ -51,6 +60,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".batchbridge")
     provider: ProviderName | None = Field(
         default=None, description="Default provider; unset picks together when a key is set."
+    )
+    # Together's own variable name, as its SDK and docs use it; a secret like the URLs.
+    together_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TOGETHER_API_KEY", f"{ENV_PREFIX}TOGETHER_API_KEY"),
     )
     key_prefix: str = Field(default="bb", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
 
@@ -199,7 +213,8 @@ class Settings(BaseSettings):
         """The provider used when a request names none."""
         if self.provider is not None:
             return self.provider
-        return "together" if os.environ.get("TOGETHER_API_KEY") else "local"
+        key = self.together_api_key or os.environ.get("TOGETHER_API_KEY")
+        return "together" if key else "local"
 
     @property
     def sqlalchemy_url(self) -> str:

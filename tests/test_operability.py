@@ -218,3 +218,14 @@ def test_sqlite_beside_a_redis_on_another_host_is_warned_about(tmp_path: Path) -
     assert sqlite_beside_remote_redis(sqlite, "redis://127.0.0.1:6379/0") is None
     postgres = Settings.load(data_dir=tmp_path, database_url="postgresql://u@db/bb")
     assert sqlite_beside_remote_redis(postgres, "redis://10.1.2.3:6379/0") is None
+
+
+def test_the_together_key_is_a_secret_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TOGETHER_API_KEY", PASSWORD)
+    settings = Settings.load(data_dir=tmp_path)
+    assert settings.together_api_key is not None
+    assert settings.together_api_key.get_secret_value() == PASSWORD
+    assert PASSWORD not in repr(settings) and settings.default_provider == "together"
+    assert unknown_variables({"BATCHBRIDGE_TOGETHER_API_KEY": "x"}) == []

@@ -34,7 +34,11 @@ def build_provider(
     if name == "together":
         from shared.providers.together import TogetherProvider
 
-        return TogetherProvider(timeout=settings.provider_timeout_seconds)
+        key = settings.together_api_key
+        return TogetherProvider(
+            api_key=key.get_secret_value() if key else None,
+            timeout=settings.provider_timeout_seconds,
+        )
     raise UnknownProvider(f"provider must be one of {PROVIDER_NAMES} (got {name!r})")
 
 
