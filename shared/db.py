@@ -8,10 +8,9 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, event, inspect, literal_column, text, update
+from sqlalchemy import Connection, Engine, bindparam, event, inspect, literal_column, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import Session, SQLModel, create_engine, select
 
@@ -31,7 +30,9 @@ __all__ = ["IllegalTransition"]
 
 
 def make_engine(settings: Settings) -> Engine:
-    """Create the engine and the tables (idempotent)."""
+    """Create the engine and bring the schema up to date (idempotent)."""
+    from shared.migrations import upgrade
+
     url = settings.sqlalchemy_url
     if url.startswith("sqlite"):
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
@@ -39,27 +40,18 @@ def make_engine(settings: Settings) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    create_tables(engine)
+    upgrade(engine)
     return engine
 
 
-def create_tables(engine: Engine) -> None:
-    """Create missing tables; tolerates another process creating them at the same moment."""
-    try:
-        SQLModel.metadata.create_all(engine)
-    except (OperationalError, ProgrammingError, IntegrityError):
-        SQLModel.metadata.create_all(engine)  # the other process won; now they all exist
-    add_missing_columns(engine)
+def add_missing_columns(connection: Connection) -> list[str]:
+    """Add the columns a table made by ``create_all`` before migrations lacks; their names.
 
-
-def add_missing_columns(engine: Engine) -> list[str]:
-    """Add columns a newer version defines to tables an older one created; their names.
-
-    Only additive, nullable-or-defaulted columns are ever added, so this is safe to run on
-    every start (real migrations are a later step).
+    Before migrations, each version added its new columns this way (all nullable or with a
+    default); a database of that time is brought to the baseline revision with it, once.
     """
     added = []
-    inspector = inspect(engine)
+    inspector = inspect(connection)
     for table in SQLModel.metadata.sorted_tables:
         if not inspector.has_table(table.name):
             continue
@@ -67,14 +59,11 @@ def add_missing_columns(engine: Engine) -> list[str]:
         for column in table.columns:
             if column.name in present:
                 continue
-            kind = column.type.compile(dialect=engine.dialect)
+            kind = column.type.compile(dialect=connection.dialect)
             default = _literal_default(column.default)
-            ddl = f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}{default}'
-            try:
-                with engine.begin() as conn:
-                    conn.execute(text(ddl))
-            except (OperationalError, ProgrammingError):
-                continue  # another process added it first
+            connection.execute(
+                text(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}{default}')
+            )
             added.append(f"{table.name}.{column.name}")
     return added
 

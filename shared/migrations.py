@@ -1,0 +1,51 @@
+"""The record's schema, brought up to date by Alembic migrations at every worker start.
+
+Many workers may start at once: on PostgreSQL an advisory lock lets one migrate while the
+others wait, then find nothing left to do; SQLite's write lock does the same for one host.
+A database that an older batchbridge created with ``create_all`` (tables, no
+``alembic_version``) gets its missing columns added, then is stamped at the first revision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, Engine, inspect, text
+
+_SCRIPTS = Path(__file__).parent / "alembic"
+_BASELINE = "0001"  # the schema ``create_all`` made before migrations existed
+_LOCK_ID = 0x62626462  # "bbdb": one advisory lock for everyone migrating this database
+
+
+def alembic_config(connection: Connection) -> Config:
+    """An Alembic config for this package's migrations, on ``connection``."""
+    config = Config()
+    config.set_main_option("script_location", str(_SCRIPTS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(engine: Engine) -> None:
+    """Migrate the database to the newest revision (idempotent; safe from many processes)."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+        elif connection.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock before looking
+        config = alembic_config(connection)
+        current = MigrationContext.configure(connection).get_current_revision()
+        if current is None and inspect(connection).has_table("batches"):
+            from shared.db import add_missing_columns
+
+            add_missing_columns(connection)
+            command.stamp(config, _BASELINE)
+        command.upgrade(config, "head")
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (None before any migration ran)."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
