@@ -217,6 +217,12 @@ class Scripts:
         return self._scripts[name](keys=keys, args=args, client=client)
 
 
+def server_time_ms(client: Any) -> int:
+    """The Redis server's clock in ms: the one clock every host's workers share."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def text(value: Any) -> str:
     """A Redis reply value as str (replies are bytes; typed stubs also allow str)."""
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -253,3 +253,24 @@ def test_a_reap_that_died_after_its_tombstone_is_finished_by_the_next(
 
 def _crash(*_args: object, **_kwargs: object) -> None:
     raise KeyboardInterrupt("packer killed")
+
+
+def test_ages_are_measured_on_the_redis_clock_not_the_hosts(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a producer and a packer whose clocks run an hour ahead of the Redis server's
+    import producer.protocol
+    from shared.redis_layout import server_time_ms
+
+    ahead = time.time() + 3600
+    monkeypatch.setattr(producer.protocol.time, "time", lambda: ahead)
+    monkeypatch.setattr(packing.time, "time", lambda: ahead)
+    ctx = with_settings(ctx, max_wait_seconds=300.0)
+
+    # When a request is submitted and the aggregator looks at its buffer at once
+    (request_id,) = submit(ctx, 1)
+    enq = int(ctx.redis.hget(ctx.keys.request(request_id), "enq") or 0)
+
+    # Then its enqueue time is the server's, and it is not (wrongly) an hour old
+    assert abs(enq - server_time_ms(ctx.redis)) < 5000
+    assert pack_buffer(ctx, buffer_name(DEFAULT_PROVIDER, "m-a")) is None

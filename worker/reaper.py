@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -11,7 +10,7 @@ from sqlalchemy import bindparam, update
 from sqlmodel import select
 
 from shared.models import Request, RequestState
-from shared.redis_layout import text
+from shared.redis_layout import server_time_ms, text
 from worker.cancellation import record_unbatched
 from worker.claims import abandon_claim
 from worker.context import WorkerContext
@@ -54,7 +53,8 @@ def reap_abandoned_claims(ctx: WorkerContext) -> int:
 
     Returns how many requests went back to their buffers.
     """
-    cutoff_ms = int((time.time() - ctx.settings.claim_timeout_seconds) * 1000)
+    # Claims are scored on the Redis server's clock (claim.lua): compare on it too.
+    cutoff_ms = server_time_ms(ctx.redis) - int(ctx.settings.claim_timeout_seconds * 1000)
     returned = 0
     stale: list[Any] = ctx.redis.zrangebyscore(ctx.keys.claims, "-inf", cutoff_ms)
     for raw in stale:

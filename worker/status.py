@@ -49,7 +49,7 @@ from sqlmodel import Session
 
 from shared.db import make_engine
 from shared.embedded_redis import resolve_redis_url
-from shared.redis_layout import CALLBACK_GROUP, Keys, text
+from shared.redis_layout import CALLBACK_GROUP, Keys, server_time_ms, text
 from shared.settings import Settings, safe_url
 from worker import status_record as record
 from worker.status_buffers import buffer_report, read_buffers
@@ -78,7 +78,7 @@ class StatusSource:
         """One status report (see the module docstring for its keys)."""
         s = self.settings
         now = datetime.now(UTC)
-        now_ms = int(now.timestamp() * 1000)
+        now_ms = server_time_ms(self.redis)  # enqueue times are the Redis server's clock
         buffers = read_buffers(self.redis, self.keys, now_ms)
         report: dict[str, Any] = {
             "generated_at": now.isoformat(),

@@ -7,14 +7,16 @@
 -- KEYS[5]  {p}:claims              zset    batch ids of uncommitted claims, scored by claim time
 -- ARGV[1]  key prefix ("{p}:")     ARGV[2] buf          ARGV[3] batch id
 -- ARGV[4]  max requests            ARGV[5] max bytes    ARGV[6] max wait (ms)
--- ARGV[7]  now (ms)                ARGV[8] "1" to flush even if no threshold is reached
+-- ARGV[7]  unused (ages are measured on the Redis server's clock, as enqueue times are)
+-- ARGV[8]  "1" to flush even if no threshold is reached
 -- Returns {claimed count, claimed bytes, reason, then per claimed request: id, cbq, attempts,
 -- webhook URL}
 -- (what the packer records in SQL), or {0, 0, ''} when the buffer is not due.
 -- A claimed request is in exactly one place: this claim (state "batched", batch = id).
 local prefix, buf, batch = ARGV[1], ARGV[2], ARGV[3]
 local max_n, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
-local now = tonumber(ARGV[7])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local n = redis.call('ZCARD', KEYS[1])
 if n == 0 then return {0, 0, ''} end
 local bytes = tonumber(redis.call('HGET', KEYS[2], buf) or '0')

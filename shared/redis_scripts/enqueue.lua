@@ -10,7 +10,8 @@
 --                                          digest naming the request the key was used for
 --          {p}:pending:{buf}       zset    request ids scored by enqueue sequence (FIFO)
 --          {p}:seq                 string  the enqueue sequence counter
--- ARGV[1]  key prefix ("{p}:")     ARGV[2] now (ms)     ARGV[3] idempotency TTL (s)
+-- ARGV[1]  key prefix ("{p}:")     ARGV[2] unused (enqueue times are the Redis server's
+--          clock, so producers on many hosts agree)      ARGV[3] idempotency TTL (s)
 -- ARGV[4..] 9 values per request: id, buf, size (line + metadata bytes), idempotency key
 --          ('' for none), body JSON, callback queue, metadata JSON, request digest, webhook
 --          URL
@@ -18,7 +19,9 @@
 -- pairs (1-based request position, existing id) for requests whose idempotency key was taken
 -- by the identical request. If any key is taken by a different request (another digest),
 -- nothing at all is written and the reply is {-1, position, existing id} for the first one.
-local prefix, now, ttl = ARGV[1], ARGV[2], ARGV[3]
+local prefix, ttl = ARGV[1], ARGV[3]
+local clock = redis.call('TIME')
+local now = clock[1] .. string.format('%03d', math.floor(tonumber(clock[2]) / 1000))
 local n = (#ARGV - 3) / 9
 -- Pass 1 (reads only): what each idempotency key already stands for. A key first used
 -- earlier in this call stands for that request.
