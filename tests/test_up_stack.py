@@ -263,3 +263,34 @@ def _check_cost(report: dict[str, Any], usage: dict[str, tuple[int, int]]) -> No
     unpriced = groups[UNPRICED]
     assert unpriced["batch_usd"] is None and unpriced["unpriced_requests"] == REQUESTS_PER_MODEL
     assert (unpriced["prompt_tokens"], unpriced["completion_tokens"]) == usage[UNPRICED]
+
+
+def test_up_serves_local_api_when_together_points_at_this_machine(tmp_path: Path) -> None:
+    # Given the Together adapter pointed at a loopback address where nothing listens yet
+    env = cli_env(tmp_path / "data")
+    port = free_port()
+    env.update(
+        BATCHBRIDGE_PROVIDER="together",
+        TOGETHER_BASE_URL=f"http://127.0.0.1:{port}",
+        TOGETHER_API_KEY=API_KEY,
+    )
+    log_path = tmp_path / "up.log"
+    with open(log_path, "w") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "up", "--concurrency", "1",
+             "--no-flower", "--no-metrics"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        # When `up` starts / Then it runs local-api there, and a request goes through it
+        assert _wait_port(port, 60), log_path.read_text()
+        done = batchbridge(env, "submit", "--model", PRICED, "--prompt", "hi", "--wait",
+                           "--timeout", "90", timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr + log_path.read_text()[-3000:]
+        assert '"status": "completed"' in done.stdout
+        assert f"local-api  http://127.0.0.1:{port}" in log_path.read_text()
+        # And local-api took the key the adapter sends: an unauthenticated call is refused
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/batches", timeout=5).status_code == 401
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, log_path.read_text()[-3000:]
