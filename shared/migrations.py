@@ -8,20 +8,29 @@ A database that an older batchbridge created with ``create_all`` (tables, no
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, inspect, text
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 _SCRIPTS = Path(__file__).parent / "alembic"
 _BASELINE = "0001"  # the schema ``create_all`` made before migrations existed
 _LOCK_ID = 0x62626462  # "bbdb": one advisory lock for everyone migrating this database
+log = logging.getLogger(__name__)
+# Alembic narrates every run at INFO (plugins, dialect, "will assume transactional DDL"),
+# on every worker start and CLI command; only a migration that changed something is news.
+# Set before Alembic is first imported (below, in the functions): it logs while importing.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def alembic_config(connection: Connection) -> Config:
     """An Alembic config for this package's migrations, on ``connection``."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(_SCRIPTS))
     config.attributes["connection"] = connection
@@ -30,6 +39,9 @@ def alembic_config(connection: Connection) -> Config:
 
 def upgrade(engine: Engine) -> None:
     """Migrate the database to the newest revision (idempotent; safe from many processes)."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
@@ -43,9 +55,14 @@ def upgrade(engine: Engine) -> None:
             add_missing_columns(connection)
             command.stamp(config, _BASELINE)
         command.upgrade(config, "head")
+        now = MigrationContext.configure(connection).get_current_revision()
+    if now != current:
+        log.info("migrated the record's schema from %s to %s", current or "nothing", now)
 
 
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at (None before any migration ran)."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlmodel import SQLModel
 
@@ -115,3 +117,15 @@ def test_workers_starting_at_once_migrate_once_without_failing(
     # Then all of them started, and the schema is the models'
     assert errors == []
     assert schema_differences(database_url) == []
+
+
+def test_starting_on_an_up_to_date_database_logs_nothing(
+    redis_url: str, tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a database already migrated
+    settings = make_settings(redis_url, tmp_path, database_url=database_url)
+    make_engine(settings).dispose()
+    # When another process starts on it / Then neither Alembic nor batchbridge says a word
+    with caplog.at_level(logging.INFO):
+        make_engine(settings).dispose()
+    assert [r for r in caplog.records if r.name.startswith(("alembic", "shared"))] == []
