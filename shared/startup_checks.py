@@ -30,11 +30,6 @@ def ensure_data_dir(settings: Settings) -> Path:
     return path
 
 
-def redis_address(url: str) -> str:
-    """Where a Redis URL points, without its password."""
-    return safe_url(url)
-
-
 def check_redis(url: str, *, timeout: float = 5.0) -> None:
     """PING the Redis at ``url``; SetupError naming BATCHBRIDGE_REDIS_URL if it won't answer."""
     from redis import Redis
@@ -45,11 +40,11 @@ def check_redis(url: str, *, timeout: float = 5.0) -> None:
         client.ping()
     except AuthenticationError:
         raise SetupError(
-            f"Redis at {redis_address(url)} refused the password in {ENV_PREFIX}REDIS_URL"
+            f"Redis at {safe_url(url)} refused the password in {ENV_PREFIX}REDIS_URL"
         ) from None
     except RedisError as exc:
         raise SetupError(
-            f"cannot reach Redis at {redis_address(url)} ({ENV_PREFIX}REDIS_URL): {first_line(exc)}"
+            f"cannot reach Redis at {safe_url(url)} ({ENV_PREFIX}REDIS_URL): {first_line(exc)}"
         ) from None
     finally:
         client.close()
@@ -83,7 +78,7 @@ def check_all(settings: Settings, redis_url: str) -> None:
     check_database(settings)
 
 
-_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", ""})
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", ""})
 
 
 def sqlite_beside_remote_redis(settings: Settings, redis_url: str) -> str | None:
@@ -95,7 +90,7 @@ def sqlite_beside_remote_redis(settings: Settings, redis_url: str) -> str | None
     from urllib.parse import urlsplit
 
     host = urlsplit(redis_url).hostname or ""
-    if not settings.sqlalchemy_url.startswith("sqlite") or host in _LOOPBACK:
+    if not settings.sqlalchemy_url.startswith("sqlite") or host in LOOPBACK_HOSTS:
         return None
     return (
         f"the record is SQLite ({ENV_PREFIX}DATABASE_URL unset or sqlite) while Redis is on "

@@ -26,7 +26,6 @@ from shared.settings import Settings
 from shared.startup_checks import (
     SetupError,
     check_all,
-    ensure_data_dir,
     sqlite_beside_remote_redis,
 )
 from worker import task_summaries as summaries
@@ -70,19 +69,22 @@ def _check_and_prepare(**_: object) -> None:
     # tables here so pool children never race to create them.
     settings: Settings = app.batchbridge_settings
     try:
-        # One line naming the variable to fix, rather than a traceback or endless retries.
-        ensure_data_dir(settings)  # the beat's schedule lives there, also with external SQL
-        check_all(settings, resolve_redis_url(settings))
+        # One line naming the variable to fix, rather than a traceback or endless retries;
+        # this also creates the data directory, where the beat keeps its schedule.
+        redis_url = resolve_redis_url(settings)
+        check_all(settings, redis_url)
         Faults.from_env()
     except (SetupError, ValueError) as exc:
         raise SystemExit(f"batchbridge worker cannot start: {exc}") from None
     _check_redis(settings)
     remove_leftovers_at_startup(settings)
     log.warning("batchbridge worker starting; default provider: %s", settings.default_provider)
-    warning = sqlite_beside_remote_redis(settings, resolve_redis_url(settings))
+    warning = sqlite_beside_remote_redis(settings, redis_url)
     if warning:
         log.error("%s", warning)
-    if settings.default_provider == "together" and not os.environ.get("TOGETHER_API_KEY"):
+    if settings.default_provider == "together" and not (
+        settings.together_api_key or os.environ.get("TOGETHER_API_KEY")
+    ):
         log.error("BATCHBRIDGE_PROVIDER is together but TOGETHER_API_KEY is not set")
 
 

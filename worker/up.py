@@ -22,12 +22,11 @@ from typing import IO
 from urllib.parse import urlsplit
 
 from shared.embedded_redis import EmbeddedRedis, child_environment, embedded_redis_dir
-from shared.settings import Settings
-from shared.startup_checks import SetupError, check_all, ensure_data_dir, redis_address
+from shared.settings import Settings, safe_url
+from shared.startup_checks import LOOPBACK_HOSTS, SetupError, check_all, ensure_data_dir
 from worker.processes import ChildProcess, Supervised, Supervisor, WorkerProcess
 
 Say = Callable[[str], None]
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ def local_api_address(settings: Settings) -> tuple[str, int] | None:
     if settings.default_provider != "together" or not base:
         return None
     parts = urlsplit(base)
-    if parts.scheme != "http" or parts.hostname not in _LOOPBACK_HOSTS:
+    if parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS:
         return None
     return parts.hostname or "127.0.0.1", parts.port or 80
 
@@ -128,7 +127,7 @@ def run_up(settings: Settings, options: UpOptions, say: Say, warn: Say) -> None:
 def _redis(settings: Settings, say: Say) -> Iterator[tuple[str, EmbeddedRedis | None]]:
     configured = settings.configured_redis_url
     if configured:
-        say(f"  redis      {redis_address(configured)} (BATCHBRIDGE_REDIS_URL)")
+        say(f"  redis      {safe_url(configured)} (BATCHBRIDGE_REDIS_URL)")
         yield configured, None
         return
     server = EmbeddedRedis(embedded_redis_dir(settings), appendfsync=settings.redis_appendfsync)
@@ -200,8 +199,8 @@ def _other_children(
     if address is not None:
         host, port = address
         api_env = dict(env)
-        if os.environ.get("TOGETHER_API_KEY"):
-            api_env["BATCHBRIDGE_LOCAL_API_KEY"] = os.environ["TOGETHER_API_KEY"]
+        if settings.together_api_key is not None:
+            api_env["BATCHBRIDGE_LOCAL_API_KEY"] = settings.together_api_key.get_secret_value()
         command = [*cli, "local-api", "--host", host, "--port", str(port)]
         children.append(ChildProcess("local-api", command, api_env, f"http://{host}:{port}"))
     if options.flower:
