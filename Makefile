@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CODE := producer worker shared
 
-.PHONY: run test test-slow lint typecheck unit bench install install-dev clean
+.PHONY: run test test-slow chaos lint typecheck unit bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,19 @@ typecheck: install-dev
 	$(BIN)/mypy
 
 test: lint typecheck
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not chaos"
 
 # The end-to-end ledgers (a minute or more each); CI runs them after `make test`.
 test-slow: install-dev
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m "slow and not chaos"
+
+# The whole fault suite (tests/reliability: the fast subset and the chaos scenarios). Each
+# scenario prints its ledger; the ledgers go into tests/reliability/RESULTS.md, pass or fail.
+LEDGERS := $(CURDIR)/.chaos-ledgers
+chaos: install-dev
+	rm -rf $(LEDGERS)
+	BATCHBRIDGE_TEST_LEDGER_DIR=$(LEDGERS) $(BIN)/python -m pytest -q -s tests/reliability; \
+	status=$$?; $(BIN)/python -m tests.reliability.results $(LEDGERS) "make chaos"; exit $$status
 
 bench: install-dev
 	$(BIN)/python bench/bench_submit.py

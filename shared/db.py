@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, event, inspect, literal_column, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    event,
+    inspect,
+    literal_column,
+    or_,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -97,7 +107,11 @@ def transition(
     """Move a batch from one of ``expect`` to ``to`` in one conditional UPDATE.
 
     Returns False when the batch is not in an expected state (someone else moved it first).
+    Entering a state starts its clock afresh: unless ``next_poll_at`` is given, the batch is
+    due at once for the new state's step (a deadline the old state had, such as a take's
+    hold, means nothing there).
     """
+    fields.setdefault("next_poll_at", None)
     expected = list(expect)
     for state in expected:
         check_batch_transition(state, to)
@@ -235,35 +249,66 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
     session.connection().execute(stmt, params)
 
 
-def due_for_submit(session: Session, now: datetime, limit: int = 100) -> list[Batch]:
-    """Packed or uploaded batches whose (re)try time has come, oldest first."""
-    stmt = (
-        select(Batch)
-        .where(Batch.state.in_([BatchState.PACKED.value, BatchState.UPLOADED.value]))  # type: ignore[attr-defined]
-        .where(Batch.next_poll_at <= now)  # type: ignore[operator]
+def take_due_for_submit(
+    session: Session, now: datetime, hold: timedelta, limit: int = 100
+) -> list[Batch]:
+    """Take packed or uploaded batches whose (re)try time has come, oldest first."""
+    return _take_due(
+        session,
+        Batch.state.in_([BatchState.PACKED.value, BatchState.UPLOADED.value]),  # type: ignore[attr-defined]
+        now,
+        hold,
+        limit,
+    )
+
+
+def take_due_for_poll(
+    session: Session, now: datetime, hold: timedelta, limit: int = 100
+) -> list[Batch]:
+    """Take submitted batches whose next poll time has come, oldest first."""
+    return _take_due(session, Batch.state == BatchState.SUBMITTED.value, now, hold, limit)
+
+
+def _take_due(
+    session: Session, in_state: Any, now: datetime, hold: timedelta, limit: int
+) -> list[Batch]:
+    """Due batches, each moved ``hold`` into the future so other workers pass it by.
+
+    On PostgreSQL the rows are locked ``FOR UPDATE SKIP LOCKED`` while being taken, so
+    workers ticking at the same moment split the due batches between them instead of all
+    reading the same ones and racing for each batch's lease (which still keeps the work
+    single). The taker writes the batch's real next deadline when it is done with it; a
+    taker that dies costs its batches ``hold`` of delay.
+    """
+    due = (
+        select(Batch.id)
+        .where(in_state)
+        .where(or_(Batch.next_poll_at.is_(None), Batch.next_poll_at <= now))  # type: ignore[union-attr,operator,arg-type]
         .order_by(Batch.next_poll_at)  # type: ignore[arg-type]
         .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
     )
-    return list(session.exec(stmt))
-
-
-def due_for_poll(session: Session, now: datetime, limit: int = 100) -> list[Batch]:
-    """Submitted batches whose next poll time has come."""
+    # One statement, so the take is atomic on SQLite too (which has no row locks).
     stmt = (
-        select(Batch)
-        .where(Batch.state == BatchState.SUBMITTED.value)
-        .where(Batch.next_poll_at <= now)  # type: ignore[operator]
-        .order_by(Batch.next_poll_at)  # type: ignore[arg-type]
-        .limit(limit)
+        update(Batch)
+        .where(Batch.id.in_(due))  # type: ignore[attr-defined]
+        .values(next_poll_at=now + hold)
+        .returning(Batch)
     )
-    return list(session.exec(stmt))
+    batches = list(session.scalars(stmt, execution_options={"synchronize_session": False}))
+    for batch in batches:  # as read: the commit must not expire what the caller works from
+        session.expunge(batch)
+    session.commit()
+    # RETURNING keeps no order; oldest first is near enough by age.
+    return sorted(batches, key=lambda batch: batch.created_at)
 
 
-def poll_now(session: Session, provider_batch_id: str) -> None:
+def poll_now(session: Session, provider_batch_id: str, now: datetime) -> None:
     """Make the submitted batch running as ``provider_batch_id`` due for a poll right away."""
     session.execute(
         update(Batch)
         .where(Batch.provider_batch_id == provider_batch_id)  # type: ignore[arg-type]
         .where(Batch.state == BatchState.SUBMITTED.value)  # type: ignore[arg-type]
-        .values(next_poll_at=utcnow())
+        .values(next_poll_at=now)
     )

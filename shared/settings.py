@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.crash_points import parse_crash_plan
 from shared.limits import TOGETHER_MAX_BATCH_BYTES, TOGETHER_MAX_BATCH_REQUESTS
 
 ENV_PREFIX = "BATCHBRIDGE_"
@@ -123,6 +124,12 @@ class Settings(BaseSettings):
     task_time_limit_seconds: int = Field(default=600, ge=5)
     worker_concurrency: int = Field(default=2, ge=1, le=256)
 
+    # Test-only fault injection (the reliability suite): the worker SIGKILLs itself the first
+    # N times it reaches each named step, counting crashes by marker files in crash_dir
+    # across restarts. `step` or `step*N`, comma-separated; see shared/crash_points.py.
+    crash_at: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
+    crash_dir: Path | None = None
+
     local_engine: Literal["echo"] = "echo"
     # A TOML price table for `batchbridge cost`, over the one shipped in shared/prices.toml.
     prices_file: Path | None = None
@@ -165,6 +172,11 @@ class Settings(BaseSettings):
             return tuple(p for p in value.replace(" ", "").split(",") if p)
         return value
 
+    @field_validator("crash_at", mode="before")
+    @classmethod
+    def _parse_crash_plan(cls, value: Any) -> Any:
+        return parse_crash_plan(value)
+
     @field_validator("webhook_secret", mode="after")
     @classmethod
     def _secret_is_whsec(cls, value: SecretStr | None) -> SecretStr | None:
@@ -180,6 +192,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"key {prefix!r} must be a URL prefix (http:// or https://)")
             webhook_keys(secret)
         return value
+
+    @model_validator(mode="after")
+    def _crashes_are_counted(self) -> Settings:
+        if self.crash_at and self.crash_dir is None:
+            # Without markers a planned crash would recur on every restart, for ever.
+            raise ValueError(
+                f"{ENV_PREFIX}CRASH_AT needs {ENV_PREFIX}CRASH_DIR, where crashes are counted"
+            )
+        return self
 
     @model_validator(mode="after")
     def _task_limits_fit_visibility(self) -> Settings:

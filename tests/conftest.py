@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -110,6 +111,26 @@ def private_postgres_database(server_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def run_at_once(work: Callable[[], None], threads: int, timeout: float = 60) -> list[BaseException]:
+    """Run ``work`` in ``threads`` threads released together; the exceptions they raised."""
+    go = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            go.wait()
+            work()
+        except BaseException as exc:
+            errors.append(exc)
+
+    started = [threading.Thread(target=run) for _ in range(threads)]
+    for thread in started:
+        thread.start()
+    for thread in started:
+        thread.join(timeout)
+    return errors
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

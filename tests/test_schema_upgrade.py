@@ -11,7 +11,7 @@ from sqlmodel import SQLModel
 
 from shared.db import make_engine
 from shared.migrations import current_revision
-from tests.conftest import make_settings
+from tests.conftest import make_settings, run_at_once
 
 
 def test_columns_added_since_a_table_was_created_are_added_with_their_defaults(
@@ -95,24 +95,8 @@ def test_workers_starting_at_once_migrate_once_without_failing(
     redis_url: str, tmp_path: Path, database_url: str
 ) -> None:
     # Given an empty database and four workers starting on it at the same moment
-    import threading
-
     settings = make_settings(redis_url, tmp_path, database_url=database_url)
-    errors: list[BaseException] = []
-    go = threading.Barrier(4)
-
-    def start() -> None:
-        go.wait()
-        try:
-            make_engine(settings).dispose()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    errors = run_at_once(lambda: make_engine(settings).dispose(), 4)
 
     # Then all of them started, and the schema is the models'
     assert errors == []

@@ -8,11 +8,8 @@ is counted from effects (callback stream entries, provider input files).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +25,7 @@ from shared.providers.local import LocalStore
 from shared.settings import Settings
 from tests.conftest import PG_URL, LocalApiFactory, make_settings, private_postgres_database
 from tests.conftest import settings_env as env_of
+from tests.reliability.harness import CHAOS_SETTINGS, ProcessGroup
 from tests.test_paid_once import CLEAN, settled_ledger
 from worker.processes import WorkerProcess
 
@@ -41,21 +39,10 @@ pytestmark = [
 ]
 
 WAVE = 1500
-SETTINGS = {
-    "provider": "together",
-    "max_batch_requests": 100,
-    "max_wait_seconds": 0.5,
-    "poll_interval_seconds": 0.5,
-    "aggregate_interval_seconds": 0.3,
-    "submit_interval_seconds": 0.3,
-    "reap_interval_seconds": 1.0,
-    "lease_seconds": 2.0,
-    "claim_timeout_seconds": 5.0,
-    "provider_timeout_seconds": 5.0,
-}
+SETTINGS = {**CHAOS_SETTINGS, "max_batch_requests": 100}
 
 
-class HiddenWorker:
+class HiddenWorker(ProcessGroup):
     """A Celery worker (with its beat) that cannot see ``hidden``, the other's data dir."""
 
     def __init__(self, settings: Settings, hidden: Path, log: Path, api: str, key: str) -> None:
@@ -65,25 +52,7 @@ class HiddenWorker:
         celery = WorkerProcess(env, concurrency=2, loglevel="INFO").command()
         mount = f'mount -t tmpfs batchbridge-hidden {hidden} && exec "$@"'
         command = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh", *celery]
-        self.log = log
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def kill(self) -> None:
-        """SIGKILL the worker, its pool and its beat: a machine that died."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        """Warm shutdown, then whatever is left of its group."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(30)
-        self.kill()
+        super().__init__(command, env, log)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import logging
 from typing import Literal
 
 from shared.db import transition, update_batch
-from shared.models import Batch, BatchState, utcnow
+from shared.models import Batch, BatchState
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def request_batch_cancel(ctx: WorkerContext, batch_id: str, *, requeue: bool = F
                 f"batch {batch_id} is {batch.state}: its requests already have (or are getting) "
                 "their outcomes; cancel single requests with `batchbridge cancel REQUEST_ID`"
             )
-        now = utcnow()
+        now = ctx.now()
         with ctx.session() as session:
             update_batch(
                 session, batch_id, cancel_requested_at=now, cancel_mode=mode, next_poll_at=now

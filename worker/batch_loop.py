@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -12,6 +13,12 @@ from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def take_hold(ctx: WorkerContext) -> timedelta:
+    """How far a taken batch's deadline moves, so other workers skip it while it is worked on."""
+    # As long as a lease lasts: a taker that dies delays its batches no longer than its lease.
+    return timedelta(seconds=ctx.settings.lease_seconds)
 
 
 def each_batch(

@@ -10,10 +10,11 @@ buffer is finished by ``cancel.lua`` alone and queued in ``{p}:torecord``, which
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from shared.db import finish_requests, insert_over_requeued, sql_text
-from shared.models import RequestState, utcnow
+from shared.models import RequestState
 from shared.redis_layout import text
 from shared.schemas import ErrorInfo, Result
 from worker.context import WorkerContext
@@ -72,7 +73,7 @@ def requeue_or_cancel(
     return int(reply[0]), cancelled
 
 
-def cancelled_row(request_id: str, result: str) -> dict[str, Any]:
+def cancelled_row(request_id: str, result: str, now: datetime) -> dict[str, Any]:
     """A ``finish_requests`` row for a request that ended cancelled with ``result``."""
     return {
         "id": request_id,
@@ -81,14 +82,15 @@ def cancelled_row(request_id: str, result: str) -> dict[str, Any]:
         "error_message": CANCELLED_IN_BATCH,
         "prompt_tokens": 0,
         "completion_tokens": 0,
-        "finished_at": utcnow(),
+        "finished_at": now,
         "result": result,
     }
 
 
 def record_cancelled(ctx: WorkerContext, batch_id: str, cancelled: dict[str, str]) -> None:
     """Record requests of ``batch_id`` that a script ended cancelled."""
-    rows = [cancelled_row(request_id, result) for request_id, result in cancelled.items()]
+    now = ctx.now()
+    rows = [cancelled_row(request_id, result, now) for request_id, result in cancelled.items()]
     with ctx.session() as session:
         finish_requests(session, batch_id, rows)
         session.commit()
@@ -109,7 +111,7 @@ def record_unbatched(ctx: WorkerContext, limit: int = 10_000) -> int:
         for request_id in ids:
             pipe.hmget(ctx.keys.request(request_id), ["outcome", "result", "cbq", "wh"])
         rows = []
-        now = utcnow()
+        now = ctx.now()
         for request_id, (outcome, result, cbq, wh) in zip(ids, pipe.execute(), strict=True):
             if outcome is None or result is None:
                 continue  # expired before it was recorded: nothing left to keep

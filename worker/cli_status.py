@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
@@ -93,10 +95,26 @@ def status(
 
 
 def _every(interval: float, step: Callable[[], None]) -> None:
-    while True:
-        started = time.monotonic()
-        step()
-        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    # The first Ctrl-C only asks the loop to stop after the refresh in progress: an interrupt
+    # raised inside a database or Redis client call can leave its pool locked and the exit
+    # stuck. A second Ctrl-C interrupts at once, for a refresh that hangs. (A plain flag, not
+    # an Event: a handler that takes a lock the interrupted code holds would deadlock.)
+    stopping: list[bool] = []
+
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:
+        if stopping:
+            raise KeyboardInterrupt
+        stopping.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        while not stopping:
+            due = time.monotonic() + interval
+            step()
+            while not stopping and time.monotonic() < due:
+                time.sleep(min(0.05, max(0.0, due - time.monotonic())))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _watch(source: StatusSource, interval: float) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy import func, or_
 from sqlmodel import select
 
 from shared.db import finish_requests, transition, update_batch
-from shared.models import Batch, BatchState, Request, RequestState, utcnow
+from shared.models import Batch, BatchState, Request, RequestState
 from shared.providers.base import ProviderError
 from shared.schemas import ErrorInfo, Result
 from worker.backoff import backoff
@@ -73,7 +73,7 @@ def collect_ready_batches(ctx: WorkerContext) -> list[str]:
             .where(
                 Batch.state.in_([BatchState.COLLECTING.value, BatchState.FAILED.value])  # type: ignore[attr-defined]
             )
-            .where(or_(Batch.next_poll_at.is_(None), Batch.next_poll_at <= utcnow()))  # type: ignore[union-attr,operator,arg-type]
+            .where(or_(Batch.next_poll_at.is_(None), Batch.next_poll_at <= ctx.now()))  # type: ignore[union-attr,operator,arg-type]
         )
         due = list(session.exec(stmt))
 
@@ -85,7 +85,7 @@ def collect_ready_batches(ctx: WorkerContext) -> list[str]:
                 batch_id,
                 error=f"collect failed, retrying: {exc!r}",
                 collect_failures=failures + 1,
-                next_poll_at=utcnow() + backoff(failures + 1),
+                next_poll_at=ctx.now() + backoff(failures + 1),
             )
             session.commit()
 
@@ -127,6 +127,7 @@ def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
                     raise  # retried with backoff; only a missing file means its results are gone
                 _file_gone_for_good(ctx, batch, name, file_id, exc)
                 continue
+            ctx.crash_point("after_download")
             for offset, outcome in read_result_lines(path, problems):
                 fan_out.add(outcome, (path, offset))
         fan_out.add_held_back_failures()
@@ -160,7 +161,7 @@ def _file_gone_for_good(
     the file has been missing for ``MISSING_OUTPUT_GRACE_SECONDS`` do its requests count as
     not executed (and go round again), and the batch says why.
     """
-    now = utcnow()
+    now = ctx.now()
     since = batch.not_found_since or now
     grace = timedelta(seconds=ctx.settings.missing_output_grace_seconds)
     if now - since < grace:
@@ -303,7 +304,9 @@ class _FanOut:
                 ctx, self.batch.id, [o.request_id for o in retry], counts=not unsent
             )
             retry = [o for o in retry if o.request_id not in gone]
+        ctx.crash_point("after_fanout_delivery")
         self._record(final, retry, instead)
+        ctx.crash_point("after_fanout_chunk")
 
     def _cancelled(
         self, o: LineOutcome, meta: bytes | None, usage: object
@@ -369,11 +372,11 @@ class _FanOut:
         retry: list[LineOutcome],
         instead: dict[str, str],
     ) -> None:
-        now = utcnow()
+        now = self.ctx.now()
         rows = []
         for o, result, usage in final:
             if o.request_id in instead:
-                rows.append(cancelled_row(o.request_id, instead[o.request_id]))
+                rows.append(cancelled_row(o.request_id, instead[o.request_id], now))
                 continue
             rows.append(
                 {
@@ -442,7 +445,7 @@ def _finish_batch(
             "requeued_count": counts.get(RequestState.REQUEUED.value, (0,))[0],
             "prompt_tokens": totals[0],
             "completion_tokens": totals[1],
-            "finished_at": utcnow(),
+            "finished_at": ctx.now(),
         }
         summary = problems.summary()
         if summary:

@@ -8,13 +8,16 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from redis import Redis
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from shared.clock import RecordClock
 from shared.counters import Counters, instrument_provider
+from shared.crash_points import CrashPlan
 from shared.db import make_engine
 from shared.embedded_redis import resolve_redis_url
 from shared.providers.base import BatchProvider
@@ -36,6 +39,7 @@ class WorkerContext:
     keys: Keys = field(init=False)
     scripts: Scripts = field(init=False)
     counters: Counters = field(init=False)
+    clock: RecordClock = field(init=False)
     _providers: dict[str, BatchProvider] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
@@ -43,6 +47,7 @@ class WorkerContext:
         self.keys = Keys(self.settings.key_prefix)
         self.scripts = Scripts(self.redis)
         self.counters = Counters(self.redis, self.keys)
+        self.clock = RecordClock(self.engine)
 
     @classmethod
     def create(
@@ -65,6 +70,15 @@ class WorkerContext:
                 provider = build_provider(name, self.settings, dispatch=self.dispatch_local)
                 self._providers[name] = instrument_provider(provider, self.counters)
             return self._providers[name]
+
+    def now(self) -> datetime:
+        """Now on the record's clock (the database server's), for every deadline it stores."""
+        return self.clock.now()
+
+    def crash_point(self, step: str) -> None:
+        """Die here if the test-only crash plan (``BATCHBRIDGE_CRASH_AT``) names ``step``."""
+        if step in self.settings.crash_at:
+            CrashPlan(self.settings.crash_at, self.settings.crash_dir).reached(step)
 
     def session(self) -> Session:
         """A new database session."""

@@ -28,13 +28,13 @@ from pathlib import Path
 from sqlalchemy import update
 from sqlmodel import select
 
-from shared.db import due_for_submit, transition, update_batch
-from shared.models import Batch, BatchState, utcnow
+from shared.db import take_due_for_submit, transition, update_batch
+from shared.models import Batch, BatchState
 from shared.providers.base import BatchProvider, ProviderBatch, ProviderError
 from worker.backoff import CEILING_SECONDS, backoff
 from worker.batch_cancel import cancel_unsent
 from worker.batch_files import batch_file
-from worker.batch_loop import each_batch
+from worker.batch_loop import each_batch, take_hold
 from worker.context import WorkerContext
 from worker.reconciler import batch_still_owns_requests
 
@@ -66,7 +66,7 @@ def is_definite_refusal(exc: ProviderError) -> bool:
 def submit_ready_batches(ctx: WorkerContext) -> list[str]:
     """Upload and create every packed or uploaded batch whose time has come."""
     with ctx.session() as session:
-        ready = due_for_submit(session, utcnow())
+        ready = take_due_for_submit(session, ctx.now(), take_hold(ctx))
     return each_batch(
         ctx,
         ready,
@@ -100,6 +100,7 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
                 _give_back_unsent(ctx, batch, f"its batch file cannot be had: {path}")
                 return False
             file_id = provider.upload_file(path)
+            ctx.crash_point("after_upload")
             if path != Path(batch.file_path):
                 path.unlink(missing_ok=True)  # a copy rebuilt here, only needed for the upload
             with ctx.session() as session:
@@ -123,7 +124,8 @@ def submit_batch(ctx: WorkerContext, batch_id: str) -> bool:
         return False
     if job is None:
         return False
-    now = utcnow()
+    ctx.crash_point("after_create")
+    now = ctx.now()
     with ctx.session() as session:
         moved = transition(
             session,
@@ -158,7 +160,7 @@ class _CreateFailed(Exception):
 def _create_once(ctx: WorkerContext, provider: BatchProvider, batch: Batch) -> ProviderBatch | None:
     """Create the provider job, or adopt one an earlier attempt made; None to leave it be."""
     assert batch.provider_file_id is not None
-    now = utcnow()
+    now = ctx.now()
     if batch.create_started_at is not None or batch.submit_attempts > 0:
         adopted = find_unowned_job(ctx, provider, batch)
         if adopted is not None:
@@ -280,7 +282,7 @@ def _record_submit_failure(
                 session,
                 batch.id,
                 error=f"retryable error, retrying: {exc}",
-                next_poll_at=utcnow() + delay,
+                next_poll_at=ctx.now() + delay,
                 **fields,
             )
             log.warning("submitting batch %s failed, retry in %s: %s", batch.id, delay, exc)
@@ -308,7 +310,7 @@ def _hold(
 ) -> None:
     # Nothing ran, so nothing is failed: try again at the backoff ceiling until the provider
     # answers, and say so once (not on every retry).
-    now = utcnow()
+    now = ctx.now()
     with ctx.session() as session:
         update_batch(
             session,
@@ -352,7 +354,7 @@ def _retry_later(ctx: WorkerContext, batch: Batch, error: str) -> None:
             batch.id,
             submit_attempts=attempts,
             error=error,
-            next_poll_at=utcnow() + backoff(attempts),
+            next_poll_at=ctx.now() + backoff(attempts),
         )
         session.commit()
 

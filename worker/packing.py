@@ -27,7 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import IntegrityError
 
 from shared.db import held_elsewhere, upsert_requests
-from shared.models import Batch, BatchState, RequestState, utcnow
+from shared.models import Batch, BatchState, RequestState
 from shared.redis_layout import split_buffer_name, text
 from shared.schemas import DEFAULT_PROVIDER
 from shared.settings import Settings
@@ -145,6 +145,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     )
     if not count:
         return None
+    ctx.crash_point("after_claim")
     reason = text(raw_reason)
     buffer_provider, model = split_buffer_name(buf)
     provider = batch_provider(s, buffer_provider)
@@ -159,12 +160,13 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         flush_reason=reason,
         file_path=str(path),
         buffer=buf,
-        next_poll_at=utcnow(),
+        next_poll_at=ctx.now(),
     )
     try:
         # The claimed size also counts metadata (it travels with every result); the record
         # keeps the file's exact length.
         written = write_batch_file(ctx, batch_id, buf, claimed[::4], path)
+        ctx.crash_point("after_file_write")
         batch.bytes, batch.file_sha256 = written.bytes, written.sha256
         rows = request_rows(batch_id, claimed)
         with ctx.session() as session:
@@ -190,6 +192,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
         with contextlib.suppress(Exception):
             abandon_claim(ctx, batch_id)
         raise
+    ctx.crash_point("after_pack_commit")
     release_claim(ctx, batch_id)
     log.info("packed batch %s: %d requests, %d bytes (%s)", batch_id, count, size, reason)
     return PackedBatch(batch_id, provider, model, int(count), batch.bytes, reason, path)

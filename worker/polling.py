@@ -21,12 +21,12 @@ from typing import Any
 import orjson
 from sqlmodel import select
 
-from shared.db import due_for_poll, transition, update_batch
+from shared.db import take_due_for_poll, transition, update_batch
 from shared.models import Batch, BatchState, utcnow
 from shared.providers.base import BatchProvider, ProviderBatch, ProviderBatchStatus, ProviderError
 from worker.backoff import backoff
 from worker.batch_cancel import cancelled_outcome
-from worker.batch_loop import each_batch
+from worker.batch_loop import each_batch, take_hold
 from worker.context import WorkerContext
 from worker.lifecycle import unowned_jobs
 
@@ -40,7 +40,7 @@ _ACCOUNT_CHANGE_FACTOR = 4
 def poll_due_batches(ctx: WorkerContext) -> list[str]:
     """Poll submitted batches that are due; return those the provider has finished."""
     with ctx.session() as session:
-        due = due_for_poll(session, utcnow())
+        due = take_due_for_poll(session, ctx.now(), take_hold(ctx))
     finished = each_batch(
         ctx,
         due,
@@ -59,7 +59,7 @@ def _record_unexpected(ctx: WorkerContext, batch: Batch, exc: Exception) -> None
             session,
             batch.id,
             error=f"unexpected error while polling: {exc!r}",
-            next_poll_at=utcnow() + backoff(3),
+            next_poll_at=ctx.now() + backoff(3),
         )
         session.commit()
 
@@ -67,7 +67,7 @@ def _record_unexpected(ctx: WorkerContext, batch: Batch, exc: Exception) -> None
 def poll_batch(ctx: WorkerContext, batch: Batch) -> bool:
     """Ask the provider about one batch; True when it has reached a terminal status."""
     assert batch.provider_batch_id is not None
-    now = utcnow()
+    now = ctx.now()
     next_poll = now + timedelta(seconds=ctx.settings.poll_interval_seconds)
     provider = ctx.provider(batch.provider)
     try:
@@ -161,7 +161,7 @@ def _not_found(
     Returns whether the batch moved on to collection, or the job as the batch list shows it.
     """
     assert batch.provider_batch_id is not None
-    now = utcnow()
+    now = ctx.now()
     since = batch.not_found_since or now
     polls = batch.not_found_polls + 1
     interval = timedelta(seconds=ctx.settings.poll_interval_seconds)
@@ -237,7 +237,7 @@ def _record_poll_failure(
     kind = "retryable" if exc.retryable else "permanent"
     error = f"poll: {kind} error: {exc}"
     if exc.retry_after:
-        next_poll = max(next_poll, utcnow() + backoff(0, exc.retry_after))
+        next_poll = max(next_poll, ctx.now() + backoff(0, exc.retry_after))
     with ctx.session() as session:
         update_batch(
             session,
@@ -256,7 +256,7 @@ def _record_poll_failure(
 
 def watch_for_duplicates(ctx: WorkerContext) -> int:
     """Look for late duplicate jobs of batches no longer polled but still being watched."""
-    now = utcnow()
+    now = ctx.now()
     with ctx.session() as session:
         watched = list(
             session.exec(

@@ -41,7 +41,7 @@ from sqlalchemy import func, update
 from sqlmodel import select
 
 from shared.db import transition
-from shared.models import Batch, BatchState, Request, RequestState, WebhookDelivery, utcnow
+from shared.models import Batch, BatchState, Request, RequestState, WebhookDelivery
 from shared.redis_layout import text
 from shared.schemas import ErrorInfo, Result
 from worker.cancellation import requeue_or_cancel
@@ -197,7 +197,7 @@ def _repair_finished(ctx: WorkerContext, batch: Batch, report: ReconcileReport) 
 
 def _expired(ctx: WorkerContext, ids: list[str]) -> set[str]:
     """Those of ``ids`` whose result's time to live in Redis has run out since they finished."""
-    cutoff = utcnow() - timedelta(seconds=ctx.settings.result_ttl_seconds)
+    cutoff = ctx.now() - timedelta(seconds=ctx.settings.result_ttl_seconds)
     with ctx.session() as session:
         rows = session.exec(
             select(Request.id, Request.finished_at).where(Request.id.in_(ids))  # type: ignore[attr-defined]
@@ -298,7 +298,7 @@ def _fail_lost(ctx: WorkerContext, batch: Batch, ids: list[str]) -> int:
                 select(Request.id, Request.attempts).where(Request.id.in_(ids))  # type: ignore[attr-defined]
             ).all()
         )
-        now = utcnow()
+        now = ctx.now()
         for request_id in ids:
             result = Result(
                 request_id=request_id,
@@ -431,7 +431,7 @@ def _give_back(ctx: WorkerContext, batch: Batch, ownership: Ownership) -> bool:
             expect=[BatchState.PACKED, BatchState.UPLOADED],
             outcome="unsent",
             error=reason,
-            next_poll_at=utcnow(),
+            next_poll_at=ctx.now(),
         )
         session.commit()
     if moved:

@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from shared.models import RedisEpoch, utcnow
+from shared.models import RedisEpoch
 from shared.redis_layout import text
 from worker.context import WorkerContext
 
@@ -124,6 +124,6 @@ def accept_epoch(ctx: WorkerContext, check: EpochCheck) -> None:
             update(RedisEpoch)
             .where(RedisEpoch.key_prefix == ctx.settings.key_prefix)  # type: ignore[arg-type]
             .where(RedisEpoch.epoch == check.known)  # type: ignore[arg-type]
-            .values(epoch=check.current, seen_at=utcnow())
+            .values(epoch=check.current, seen_at=ctx.now())
         )
         session.commit()

@@ -190,10 +190,10 @@ def reconcile(self: Task, since: str | None = None, scan_orphans: bool = False) 
         check = check_epoch(ctx)
         if check.replaced:
             # Wiped or replaced: everything whose result could still be in Redis.
-            start = utcnow() - timedelta(seconds=ctx.settings.result_ttl_seconds)
+            start = ctx.now() - timedelta(seconds=ctx.settings.result_ttl_seconds)
             scan_orphans = True
         else:
-            start = datetime.fromisoformat(since) if since else utcnow() - RECENT
+            start = datetime.fromisoformat(since) if since else ctx.now() - RECENT
         report = reconcile_with_record(ctx, since=start, scan_orphans=scan_orphans)
         if check.replaced:
             accept_epoch(ctx, check)
@@ -234,7 +234,7 @@ def _run_local_job(ctx: WorkerContext, job_id: str) -> None:
             )
         # Batches are polled on a timer; a local job can say at once that it is done.
         with ctx.session() as session:
-            poll_now(session, job_id)
+            poll_now(session, job_id, ctx.now())
             session.commit()
         wake(task_names.POLL)
     except Exception:  # the sweep re-dispatches an unfinished job once its lease lapses

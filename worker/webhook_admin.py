@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlmodel import col, delete, select
 
-from shared.models import WebhookDelivery, WebhookEndpoint, utcnow
+from shared.models import WebhookDelivery, WebhookEndpoint
 from worker.context import WorkerContext
 from worker.webhook_signing import event_body
 
@@ -76,7 +76,7 @@ def replay(ctx: WorkerContext, ids: Sequence[str] | None) -> list[str]:
             row.state = "pending"
             row.attempts = 0
             row.finished_at = None
-            row.next_attempt_at = utcnow()
+            row.next_attempt_at = ctx.now()
             session.add(row)
         # SQL first: if Redis is not reached, the reaper's restore_lost_deliveries queues them.
         session.commit()
@@ -120,7 +120,7 @@ def restore_lost_deliveries(ctx: WorkerContext, grace_seconds: float = 300.0) ->
     Only deliveries overdue by ``grace_seconds`` are looked at, so one merely in flight (its
     outbox entry briefly gone while a sender settles it) is never queued twice.
     """
-    cutoff = utcnow() - timedelta(seconds=grace_seconds)
+    cutoff = ctx.now() - timedelta(seconds=grace_seconds)
     with ctx.session() as session:
         rows = list(
             session.exec(

@@ -199,6 +199,8 @@ class _Sender:
             self._put_back(delivery, NO_SECRET_DELAY_SECONDS)
             return
         outcome = await self._attempt(delivery, keys)
+        if outcome.verdict == "delivered":
+            self.ctx.crash_point("after_webhook_send")
         await self._settle(delivery, outcome)
 
     async def _attempt(self, delivery: Delivery, keys: list[bytes]) -> AttemptResult:
@@ -310,7 +312,7 @@ class _Sender:
     def _record(
         self, delivery: Delivery, result: AttemptResult, attempts: int, delay: float
     ) -> None:
-        now = datetime.now(UTC)
+        now = self.ctx.now()
         with self.ctx.session() as session:
             row = session.get(WebhookDelivery, delivery.msg_id)
             if row is None:
