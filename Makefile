@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CODE := producer worker shared
 
-.PHONY: run test test-slow chaos lint typecheck unit bench install install-dev clean
+.PHONY: run test test-slow chaos soak lint typecheck unit bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,19 +32,26 @@ typecheck: install-dev
 	$(BIN)/mypy
 
 test: lint typecheck
-	$(BIN)/python -m pytest -q -m "not slow and not chaos"
+	$(BIN)/python -m pytest -q -m "not slow and not chaos and not soak"
 
 # The end-to-end ledgers (a minute or more each); CI runs them after `make test`.
 test-slow: install-dev
-	$(BIN)/python -m pytest -q -m "slow and not chaos"
+	$(BIN)/python -m pytest -q -m "slow and not chaos and not soak"
 
 # The whole fault suite (tests/reliability: the fast subset and the chaos scenarios). Each
 # scenario prints its ledger; the ledgers go into tests/reliability/RESULTS.md, pass or fail.
 LEDGERS := $(CURDIR)/.chaos-ledgers
 chaos: install-dev
 	rm -rf $(LEDGERS)
-	BATCHBRIDGE_TEST_LEDGER_DIR=$(LEDGERS) $(BIN)/python -m pytest -q -s tests/reliability; \
+	BATCHBRIDGE_TEST_LEDGER_DIR=$(LEDGERS) BATCHBRIDGE_TEST_FUZZ_EXAMPLES=1000 \
+		$(BIN)/python -m pytest -q -s -m "not soak" tests/reliability; \
 	status=$$?; $(BIN)/python -m tests.reliability.results $(LEDGERS) "make chaos"; exit $$status
+
+# 100,000 requests over 30 minutes with a random kill every minute (BATCHBRIDGE_TEST_SOAK_MINUTES).
+soak: install-dev
+	rm -rf $(LEDGERS)
+	BATCHBRIDGE_TEST_LEDGER_DIR=$(LEDGERS) $(BIN)/python -m pytest -q -s -m soak tests/reliability; \
+	status=$$?; $(BIN)/python -m tests.reliability.results $(LEDGERS) "make soak"; exit $$status
 
 bench: install-dev
 	$(BIN)/python bench/bench_submit.py

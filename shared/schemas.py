@@ -167,6 +167,18 @@ def new_request_ids(n: int) -> list[str]:
     return [raw[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
+def keyed_request_id(idempotency_key: str, digest: str) -> str:
+    """The id of the request an idempotency key names: the same whenever it is resubmitted.
+
+    Derived from the key and the request's digest rather than drawn at random, so that a
+    resubmission finds its request even where Redis no longer maps the key (an OS crash cut
+    the last second of its AOF, a failover to a lagging replica, the key's TTL passed): the
+    record still knows the id, and a request it already holds is never made twice.
+    """
+    raw = b"\0".join((b"idempotency", idempotency_key.encode(), digest.encode()))
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
 def prepare_many(
     requests: list[dict[str, Any]],
     *,
@@ -245,7 +257,7 @@ def prepare_many(
                 )
         prepared.append(
             PreparedRequest(
-                ids[i],
+                keyed_request_id(idempotency_key, digest) if idempotency_key else ids[i],
                 provider,
                 checked[i]["model"],
                 encoded,

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from producer import Producer, Result
 from shared.models import utcnow
 from shared.providers.local import LocalProvider
+from shared.settings import Settings
 from tests.conftest import RedisFactory, make_settings, run_local_jobs
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
@@ -127,19 +128,48 @@ STEPS: list[tuple[str, Callable[[WorkerContext], None]]] = [
 ]
 
 
+def pipeline_settings(redis_url: str, tmp_path: Path, database_url: str) -> Settings:
+    """Small batches polled at once, for driving the pipeline step by step."""
+    return make_settings(
+        redis_url,
+        tmp_path / "data",
+        database_url=database_url,
+        max_batch_requests=10,
+        poll_interval_seconds=0.01,
+    )
+
+
+def run_to_the_end(ctx: WorkerContext) -> None:
+    """Every step three times over, the reconciler after each round."""
+    for _ in range(3):
+        for _name, step in STEPS:
+            step(ctx)
+        reconcile(ctx, since=utcnow() - timedelta(minutes=15))
+
+
+def assert_each_delivered_and_sent_once(ctx: WorkerContext, ids: list[str]) -> None:
+    """One callback stream entry per request, and one provider input line each."""
+    delivered = collections.Counter(
+        Result.from_json(fields[b"result"]).request_id
+        for _id, fields in ctx.redis.xrange(ctx.keys.callback("svc"))
+    )
+    assert delivered == dict.fromkeys(ids, 1)
+    provider = ctx.provider("local")
+    assert isinstance(provider, LocalProvider)
+    sent: collections.Counter[str] = collections.Counter()
+    for job in provider.store.list_jobs():
+        for line in provider.store.file_path(job.input_file_id).read_bytes().splitlines():
+            sent[orjson.loads(line)["custom_id"]] += 1
+    assert sent == dict.fromkeys(ids, 1)
+
+
 @pytest.mark.parametrize("cut", range(len(STEPS)), ids=[f"before-{n}" for n, _ in STEPS])
 def test_with_everysec_a_cut_aof_tail_leaves_nothing_stuck_or_doubled(
     own_redis: RedisFactory, tmp_path: Path, database_url: str, cut: int
 ) -> None:
     # Given requests going through the pipeline on a Redis with appendfsync everysec
     server = own_redis(appendfsync="everysec")
-    settings = make_settings(
-        server.url,
-        tmp_path / "data",
-        database_url=database_url,
-        max_batch_requests=10,
-        poll_interval_seconds=0.01,
-    )
+    settings = pipeline_settings(server.url, tmp_path, database_url)
     ctx = WorkerContext.create(settings)
     producer = Producer(settings=settings, client=ctx.redis)
     requests = [
@@ -162,10 +192,7 @@ def test_with_everysec_a_cut_aof_tail_leaves_nothing_stuck_or_doubled(
     # And the reconciler runs, then the pipeline goes on to the end
     ctx = WorkerContext.create(settings)
     reconcile(ctx, since=utcnow() - timedelta(minutes=15))
-    for _ in range(3):
-        for _name, step in STEPS:
-            step(ctx)
-        reconcile(ctx, since=utcnow() - timedelta(minutes=15))
+    run_to_the_end(ctx)
 
     # Then every request has its outcome, was in one provider job, and was delivered once
     pipe = ctx.redis.pipeline(transaction=False)
@@ -175,16 +202,45 @@ def test_with_everysec_a_cut_aof_tail_leaves_nothing_stuck_or_doubled(
         tuple(v.decode() if v else None for v in reply) for reply in pipe.execute()
     )
     assert outcomes == {("done", "completed"): len(ids)}, outcomes
-    delivered = collections.Counter(
-        Result.from_json(fields[b"result"]).request_id
-        for _id, fields in ctx.redis.xrange(ctx.keys.callback("svc"))
-    )
-    assert delivered == dict.fromkeys(ids, 1)
-    provider = ctx.provider("local")
-    assert isinstance(provider, LocalProvider)
-    sent: collections.Counter[str] = collections.Counter()
-    for job in provider.store.list_jobs():
-        for line in provider.store.file_path(job.input_file_id).read_bytes().splitlines():
-            sent[orjson.loads(line)["custom_id"]] += 1
-    assert sent == dict.fromkeys(ids, 1)
+    assert_each_delivered_and_sent_once(ctx, ids)
+    ctx.close()
+
+
+def test_a_keyed_request_resubmitted_after_redis_lost_it_is_still_made_once(
+    own_redis: RedisFactory, tmp_path: Path, database_url: str
+) -> None:
+    # Given keyed requests acknowledged and packed (the batch committed in SQL) just before
+    # an OS crash, whose AOF tail held every trace of them in Redis
+    server = own_redis(appendfsync="everysec")
+    settings = pipeline_settings(server.url, tmp_path, database_url)
+    ctx = WorkerContext.create(settings)
+    producer = Producer(settings=settings, client=ctx.redis)
+    requests = [
+        {
+            "model": "m",
+            "messages": MESSAGES,
+            "callback_queue": "svc",
+            "idempotency_key": f"order-{i}",
+        }
+        for i in range(12)
+    ]
+    saved = tmp_path / "appendonly.aof.saved"
+    shutil.copyfile(server.aof_path, saved)
+    ids = [h.id for h in producer.submit_many(requests)]
+    _pack(ctx)
+    ctx.close()
+    server.kill()
+    shutil.copyfile(saved, server.aof_path)
+    server.start()
+
+    # When the producer resubmits them with the same keys, as the durability contract says
+    ctx = WorkerContext.create(settings)
+    producer = Producer(settings=settings, client=ctx.redis)
+    again = [h.id for h in producer.submit_many(requests)]
+
+    # Then they are the same requests (Redis had forgotten the keys; the ids did not change)
+    assert again == ids
+    # And the pipeline runs each once and delivers each once
+    run_to_the_end(ctx)
+    assert_each_delivered_and_sent_once(ctx, ids)
     ctx.close()

@@ -31,6 +31,7 @@ from shared.providers.local import (
     run_job,
     validate_input_file,
 )
+from shared.providers.local.faults import Faults
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct-Turbo"
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -417,6 +418,19 @@ def test_deadline_passing_while_running_expires_with_partial_output(
     assert job.status is JobStatus.EXPIRED
     out, _ = results(provider, batch_id, tmp_path)
     assert 0 < len(out) < 400
+
+
+def test_the_no_output_fault_completes_a_batch_naming_no_file(
+    tmp_path: Path, store: LocalStore, provider: LocalProvider
+) -> None:
+    # Given a fault plan under which every batch completes without output files
+    batch_id = submit(provider, write_jsonl(tmp_path / "in.jsonl", make_requests(5)))
+    # When it runs
+    job = run_job(store, batch_id, EchoEngine(), faults=Faults(no_output_rate=1.0))
+    # Then it says COMPLETED but names neither file
+    assert job.status is JobStatus.COMPLETED
+    assert (job.output_file_id, job.error_file_id) == (None, None)
+    assert job.progress == 100.0
 
 
 def test_a_rerun_after_a_crash_restarts_from_scratch(

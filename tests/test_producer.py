@@ -155,3 +155,21 @@ def test_filling_a_buffer_wakes_the_aggregator_once(
     producer.submit_many([{"model": "m-a", "messages": MESSAGES}] * 6)
     assert redis_client.llen(task_names.QUEUE) == 1
     producer.close()
+
+
+def test_a_key_redis_forgot_still_names_the_request_it_holds(
+    producer: Producer, redis_client: Redis
+) -> None:
+    # Given a keyed request whose key mapping is gone (its TTL passed, or Redis lost it)
+    first = producer.submit("m-a", MESSAGES, idempotency_key="order-41")
+    redis_client.delete(Keys().idempotency("order-41"))
+    # When the identical request is submitted again under the same key
+    again = producer.submit("m-a", MESSAGES, idempotency_key="order-41")
+    # Then it is the same request, enqueued once; a different request under it is new
+    assert again.id == first.id
+    assert pending_ids(redis_client, DEFAULT_PROVIDER, "m-a") == [first.id]
+    redis_client.delete(Keys().idempotency("order-41"))
+    other = producer.submit(
+        "m-a", [{"role": "user", "content": "else"}], idempotency_key="order-41"
+    )
+    assert other.id != first.id

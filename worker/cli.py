@@ -120,6 +120,10 @@ def local_api(
         float | None,
         typer.Option(help="seconds every API answer is held back after the call took effect"),
     ] = None,
+    no_output_rate: Annotated[
+        float | None,
+        typer.Option(help="fraction of batches that complete but name no output file"),
+    ] = None,
     not_found_window: Annotated[
         str | None,
         typer.Option(
@@ -144,6 +148,7 @@ def local_api(
             "line_delay": line_delay,
             "lost_answer_rate": lost_answer_rate,
             "answer_delay": answer_delay,
+            "no_output_rate": no_output_rate,
             "not_found_window": None
             if not_found_window is None
             else parse_window(not_found_window, "--not-found-window"),

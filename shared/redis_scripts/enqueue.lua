@@ -17,7 +17,7 @@
 --          URL
 -- Returns a flat array: number of buffers touched B, then B pairs (buf, count after), then
 -- pairs (1-based request position, existing id) for requests whose idempotency key was taken
--- by the identical request. If any key is taken by a different request (another digest),
+-- by the identical request (or whose keyed id, derived from key and digest, is already here). If any key is taken by a different request (another digest),
 -- nothing at all is written and the reply is {-1, position, existing id} for the first one.
 local prefix, ttl = ARGV[1], ARGV[3]
 local clock = redis.call('TIME')
@@ -46,6 +46,10 @@ for i = 4, #ARGV, 9 do
         else
           held_id, held_digest = value, digest
         end
+      elseif redis.call('EXISTS', prefix .. 'req:' .. ARGV[i]) == 1 then
+        -- The key is gone (its TTL passed, or Redis lost it) but its request is still here:
+        -- a keyed request's id is derived from key and digest, so this is that request.
+        held_id, held_digest = ARGV[i], digest
       else
         first_use[idem] = {ARGV[i], digest}
       end

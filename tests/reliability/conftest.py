@@ -19,7 +19,8 @@ ScenarioFactory = Callable[..., Scenario]
 def scenario(
     redis_url: str, tmp_path: Path, start_local_api: LocalApiFactory
 ) -> Iterator[ScenarioFactory]:
-    """Make a scenario: ``local-api`` started with ``api_args``, settings over the chaos ones.
+    """Make a scenario: ``local-api`` started with ``api_args``, settings over the chaos ones,
+    on the test Redis or the one at ``redis``.
 
     Nothing is started on the worker side: each test starts the workers and beats it kills.
     """
@@ -31,12 +32,16 @@ def scenario(
         api_args: tuple[str, ...] = (),
         api_env: dict[str, str] | None = None,
         worker_env: dict[str, str] | None = None,
+        redis: str | None = None,
+        data_dir: Path | None = None,
         **overrides: object,
     ) -> Scenario:
         api = start_local_api(*api_args, env_overrides=api_env)
-        settings = make_settings(redis_url, tmp_path / "data", **{**CHAOS_SETTINGS, **overrides})
+        url = redis or redis_url
+        folder = data_dir or tmp_path / "data"
+        settings = make_settings(url, folder, **{**CHAOS_SETTINGS, **overrides})
         source = LedgerSource(
-            redis_url=redis_url,
+            redis_url=url,
             key_prefix=settings.key_prefix,
             stores=[local_api_store(tmp_path, len(made))],
             engine=make_engine(settings),

@@ -12,19 +12,22 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import psutil
+from redis.exceptions import RedisError
 
-from producer import Producer
+from producer import PartialSubmitError, Producer
 from shared.embedded_redis import child_environment
 from shared.providers.local import LocalStore
 from shared.settings import Settings
@@ -107,7 +110,12 @@ class Scenario:
     beats: list[Beat] = field(default_factory=list)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     worker_env_extra: dict[str, str] = field(default_factory=dict)
+    acked_at: dict[str, float] = field(default_factory=dict)  # request id -> monotonic
+    sent: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> body
+    worker_restarts: int = 0  # workers found dead and started again by :meth:`supervise`
     _producer: Producer | None = None
+    _supervising: threading.Event | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def producer(self) -> Producer:
@@ -133,6 +141,26 @@ class Scenario:
         self.workers.append(worker)
         return worker
 
+    def supervise(self) -> None:
+        """Restart any worker whose main process exits, as compose or Kubernetes would.
+
+        Celery's main process exits (``WorkerLostError: Could not start worker processes``)
+        when a pool child dies before the pool has finished starting, so a SIGKILL that lands
+        just after a (re)start takes the worker down; in production its supervisor brings it
+        back. Workers this scenario kills on purpose are replaced by the scenario itself.
+        """
+        stop = self._supervising = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(0.5):
+                with self._lock:
+                    for n, worker in enumerate(self.workers):
+                        if worker.process is not None and worker.process.poll() is not None:
+                            self.workers[n] = self._restarted(worker)
+                            self.worker_restarts += 1
+
+        threading.Thread(target=watch, daemon=True).start()
+
     def start_beat(self) -> Beat:
         """One more beat (each with its own schedule file, as on separate hosts)."""
         n = len(self.beats)
@@ -149,30 +177,51 @@ class Scenario:
         chunk: int = 500,
         pause: float = 0.0,
         label: str = "",
+        retry_for: float = 0.0,
     ) -> list[str]:
-        """Submit ``n`` requests in chunks; their ids, recorded as expected."""
+        """Submit ``n`` requests in chunks; their ids, recorded as expected.
+
+        With ``retry_for``, a chunk Redis did not answer is sent again (same idempotency
+        keys, so what did arrive is not doubled) for up to that many seconds: what a
+        producer does while its Redis restarts.
+        """
         ids: list[str] = []
+        key_label = re.sub(r"[^A-Za-z0-9_.-]", "-", label) or "r"
         for start in range(0, n, chunk):
             bodies = [
                 {
                     "model": "m-x",
                     "messages": [{"role": "user", "content": f"{label} {start + i}"}],
                     "callback_queue": queue,
+                    "idempotency_key": f"{key_label}:{start + i}",
                     **({"webhook_url": webhook_url} if webhook_url else {}),
                 }
                 for i in range(min(chunk, n - start))
             ]
-            for handle in self.producer.submit_many(bodies):
+            for handle, body in zip(self._submit_chunk(bodies, retry_for), bodies, strict=True):
                 self.expected.add(handle.id, queue, webhook_url)
+                self.acked_at[handle.id] = time.monotonic()
+                self.sent[handle.id] = body
                 ids.append(handle.id)
             if pause:
                 time.sleep(pause)
         return ids
 
+    def _submit_chunk(self, bodies: list[dict[str, Any]], retry_for: float) -> list[Any]:
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                return self.producer.submit_many(bodies)
+            except (RedisError, PartialSubmitError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
     def pool_children(self, worker: WorkerProcess | None = None) -> list[psutil.Process]:
         """The pool processes of ``worker`` (the first one by default)."""
         worker = worker or self.workers[0]
-        assert worker.process is not None
+        if worker.process is None:
+            return []
         try:
             return psutil.Process(worker.process.pid).children()
         except psutil.NoSuchProcess:
@@ -190,11 +239,30 @@ class Scenario:
 
     def kill_worker(self, worker: WorkerProcess) -> None:
         """SIGKILL the worker's main process and its pool: a machine that died."""
-        assert worker.process is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker.process.pid, signal.SIGKILL)
-        worker.process.wait(10)
+        with self._lock:  # not to be mistaken for a crash by the supervisor
+            if worker.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.process.pid, signal.SIGKILL)
+                worker.process.wait(10)
+            worker.stop()
+
+    def replace_worker(self, worker: WorkerProcess) -> WorkerProcess:
+        """SIGKILL ``worker`` and start a new one in its place."""
+        self.kill_worker(worker)
+        with self._lock:
+            new = self._restarted(worker)
+            self.workers[self.workers.index(worker)] = new
+        return new
+
+    def _restarted(self, worker: WorkerProcess) -> WorkerProcess:
         worker.stop()
+        return WorkerProcess(
+            worker.env,
+            beat=False,
+            concurrency=worker.concurrency,
+            log_path=worker.log_path,
+            hostname=worker.hostname,
+        ).start()
 
     def delivered_count(self) -> int:
         """Callback stream entries so far (progress, for timing kills)."""
@@ -218,11 +286,14 @@ class Scenario:
         extra = {k: v() if callable(v) else v for k, v in extra.items()}
         line = report(self.name, ledger, extra)
         record(self.name, ledger, extra)
+        assert ledger.accepted > 0, "the scenario submitted nothing"
         assert ledger.clean, f"{line}\nworker logs: {self.tmp}"
         return ledger
 
     def close(self) -> None:
         """Stop everything this scenario started."""
+        if self._supervising is not None:
+            self._supervising.set()
         for beat in self.beats:
             beat.kill()
         for worker in self.workers:
@@ -231,6 +302,28 @@ class Scenario:
             self._producer.close()
         if self.source.engine is not None:
             self.source.engine.dispose()
+
+
+class Background(threading.Thread):
+    """A call run in a thread whose exception, if any, is raised again by :meth:`join`."""
+
+    def __init__(self, target: Callable[..., object], *args: object, **kwargs: object) -> None:
+        super().__init__(daemon=True)
+        self._call = lambda: target(*args, **kwargs)
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._call()
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the call; raise what it raised."""
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error
 
 
 def local_api_store(tmp: Path, n: int = 0) -> LocalStore:

@@ -8,8 +8,8 @@ Jepsen's total-queue checker, measured on what our users see:
   stream is read with XRANGE and nobody consumes it, so every entry ever added is counted),
   or more than one distinct ``webhook-id`` for it at an endpoint;
 - ``unexpected``: a delivery for a request nobody submitted, or to a queue it did not ask for;
-- ``double_billed``: a request whose line ran in more than one provider job, counted from the
-  input files of completed jobs and the output files of jobs that ended otherwise;
+- ``double_billed``: a request answered by more than one provider job, counted from the
+  jobs' output files (a line in an error file, such as a rate limit, produced no tokens);
 - ``stuck``: not delivered when the scenario's deadline passed, but still held somewhere;
 - ``recovered``: work done again whose effect was deduplicated: a request that was in more
   than one provider job's input, or a webhook the receiver got more than once (same id),
@@ -29,7 +29,7 @@ from sqlalchemy import Engine, text
 
 from producer import Result
 from shared.providers.local import LocalStore
-from shared.providers.local.records import JobStatus
+from shared.providers.local.records import BatchJob
 from shared.redis_layout import Keys
 
 FAILURES = ("lost", "duplicated", "unexpected", "double_billed", "stuck")
@@ -75,6 +75,11 @@ class Expected:
         self.queues[request_id] = queue
         if webhook_url:
             self.webhooks[request_id] = webhook_url
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request the system lost track of (it was submitted again under a new id)."""
+        self.queues.pop(request_id, None)
+        self.webhooks.pop(request_id, None)
 
     @property
     def ids(self) -> set[str]:
@@ -163,23 +168,13 @@ class LedgerSource:
         return {key[0] for key in ids_seen}, dupes, repeats
 
     def _billing(self) -> tuple[Counter[str], Counter[str]]:
-        """Per request: the jobs whose run billed it, and the jobs it was offered to."""
+        """Per request: the jobs that billed it, and the jobs it was offered to."""
         billed: Counter[str] = Counter()
         offered: Counter[str] = Counter()
         for store in self.stores:
             for job in store.list_jobs():
-                input_ids = set(_custom_ids(store, job.input_file_id))
-                offered.update(input_ids)
-                if job.status is JobStatus.COMPLETED:
-                    billed.update(input_ids)
-                elif job.is_terminal:
-                    # Expired or cancelled jobs bill the lines that ran, which are the ones
-                    # in their output and error files.
-                    ran = set()
-                    for file_id in (job.output_file_id, job.error_file_id):
-                        if file_id:
-                            ran.update(_custom_ids(store, file_id))
-                    billed.update(ran & input_ids)
+                offered.update(set(_custom_ids(store, job.input_file_id)))
+                billed.update(_billed_by(store, job))
         return billed, offered
 
     def _still_held(self, client: Redis, keys: Keys, undelivered: set[str]) -> set[str]:
@@ -216,6 +211,16 @@ class LedgerSource:
                 )
                 held |= {row[0] for row in rows} & unsent
         return held
+
+
+def _billed_by(store: LocalStore, job: BatchJob) -> set[str]:
+    """The requests ``job`` billed: those it answered, which are the lines of its output file.
+
+    A line in an error file (a rate limit, a bad request) produced no tokens. A job that says
+    COMPLETED but names no output file answered nothing anyone can see; the worker sends its
+    requests round once as not run (README: "No re-run on a hunch"), so it bills nothing here.
+    """
+    return set(_custom_ids(store, job.output_file_id)) if job.output_file_id else set()
 
 
 def _custom_ids(store: LocalStore, file_id: str) -> Iterable[str]:

@@ -10,13 +10,12 @@ the dead one's leases expire.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 from tests.reliability.conftest import ScenarioFactory
-from tests.reliability.harness import results_statuses
+from tests.reliability.harness import Background, results_statuses
 
 
 def child_kill_run(
@@ -26,21 +25,21 @@ def child_kill_run(
     run = scenario(name, api_args=("--line-delay", "0.002"))
     run.start_worker(concurrency=3)
     run.start_beat()
-    arrivals = threading.Thread(
-        target=run.submit, args=(requests,), kwargs={"chunk": chunk, "pause": pause}
-    )
-    arrivals.start()
+    run.supervise()
+    arrivals = Background(run.submit, requests, chunk=chunk, pause=pause)
 
     # When pool children are killed 0.2-3 s apart while requests arrive and are worked on
     killed = 0
+    give_up = time.monotonic() + 120  # a worker that stopped working must fail, not hang
     while killed < kills and (arrivals.is_alive() or run.delivered_count() < requests):
+        assert time.monotonic() < give_up, f"{killed} kills in; see {run.tmp}"
         time.sleep(run.rng.uniform(0.2, 3.0))
         if run.kill_random_child() is not None:
             killed += 1
     arrivals.join()
 
     # Then every request is answered once (completed), and billed once
-    run.finish(240, kills=killed)
+    run.finish(120, kills=killed, worker_restarts=lambda: run.worker_restarts)
     assert killed == kills, f"the work was done after {killed} of {kills} kills"
     assert set(results_statuses(run)) == {"completed"}
 

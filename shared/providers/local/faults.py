@@ -18,6 +18,7 @@ ENV_LINE_DELAY = "BATCHBRIDGE_LOCAL_LINE_DELAY"
 ENV_LOST_ANSWER_RATE = "BATCHBRIDGE_LOCAL_LOST_ANSWER_RATE"
 ENV_ANSWER_DELAY = "BATCHBRIDGE_LOCAL_ANSWER_DELAY"
 ENV_NOT_FOUND_WINDOW = "BATCHBRIDGE_LOCAL_NOT_FOUND_WINDOW"
+ENV_NO_OUTPUT_RATE = "BATCHBRIDGE_LOCAL_NO_OUTPUT_RATE"
 ENV_SEED = "BATCHBRIDGE_LOCAL_FAULT_SEED"
 
 # Short enough that SDK retries stay fast, long enough to prove the client waited as told.
@@ -43,7 +44,8 @@ class Faults:
     call happened. ``not_found_window``: ``(start, duration)`` in seconds since the server or
     provider started; inside it every batch *retrieve* answers 404 as if the job were unknown
     (a brief outage or a key change) while the job keeps running, and list and file calls
-    keep working, so a caller can check that the job still exists.
+    keep working, so a caller can check that the job still exists. ``no_output_rate``:
+    fraction of jobs that end COMPLETED naming no output or error file.
     """
 
     fail_rate: float = 0.0
@@ -54,6 +56,7 @@ class Faults:
     lost_answer_rate: float = 0.0
     answer_delay: float = 0.0
     not_found_window: tuple[float, float] | None = None
+    no_output_rate: float = 0.0
 
     def __post_init__(self) -> None:
         _check_rate("fail_rate", self.fail_rate)
@@ -62,6 +65,7 @@ class Faults:
             _check_seconds("expire_after", self.expire_after)
         _check_seconds("line_delay", self.line_delay)
         _check_rate("lost_answer_rate", self.lost_answer_rate)
+        _check_rate("no_output_rate", self.no_output_rate)
         _check_seconds("answer_delay", self.answer_delay)
         if self.not_found_window is not None:
             _check_window("not_found_window", self.not_found_window)
@@ -69,7 +73,7 @@ class Faults:
     @property
     def enabled(self) -> bool:
         """True if any fault is switched on."""
-        rates = (self.fail_rate, self.line_error_rate, self.lost_answer_rate)
+        rates = (self.fail_rate, self.line_error_rate, self.lost_answer_rate, self.no_output_rate)
         delays = (self.line_delay, self.answer_delay)
         optional = (self.expire_after, self.not_found_window)
         return any(rates + delays) or any(value is not None for value in optional)
@@ -103,6 +107,7 @@ class Faults:
             or 0.0,
             answer_delay=_env_float(env, ENV_ANSWER_DELAY, seconds, 0.0) or 0.0,
             not_found_window=_env_window(env, ENV_NOT_FOUND_WINDOW),
+            no_output_rate=_env_float(env, ENV_NO_OUTPUT_RATE, "a rate in [0, 1]", 0.0, 1.0) or 0.0,
         )
 
 

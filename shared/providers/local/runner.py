@@ -43,6 +43,7 @@ class _RunOptions:
     line_error_rate: float
     line_rng: random.Random
     shuffle_rng: random.Random
+    no_output: bool
     abandon: threading.Event | None
 
 
@@ -112,6 +113,8 @@ def run_job(
         line_error_rate=faults.line_error_rate,
         line_rng=random.Random(faults.seed),
         shuffle_rng=random.Random(shuffle_seed),
+        # Drawn per job from its id, so a seed gives the same jobs whatever their order.
+        no_output=random.Random(f"{faults.seed}/{job_id}").random() < faults.no_output_rate,
         abandon=stop,
     )
     return _execute(store, job, token, engine, input_path, total=result.line_count, opts=options)
@@ -166,6 +169,9 @@ def _execute(
             return store.get_job(job.id)
         if stop is _Stop.ABANDONED:
             return store.update_job(job.id, lambda j: _release(j, token))
+        if stop is _Stop.DONE and opts.no_output:
+            # The injected fault: COMPLETED, and no file named.
+            return _finish(store, job.id, token, JobStatus.COMPLETED, progress=100.0)
         return _publish(store, job.id, token, stop, outputs, errors, _percent(done, total))
 
 
