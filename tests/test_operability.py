@@ -193,6 +193,12 @@ def test_task_summaries_say_what_happened_and_idle_when_nothing_did() -> None:
     sent = SendReport(settled=3, delivered=3)
     assert task_summaries.webhooks_sent(sent) == "webhooks: 3 delivered, 0 retrying, 0 dead"
     assert task_summaries.webhooks_sent(SendReport()) == "idle"
+    # Deliveries held back by the per-endpoint cap are said to be, not blamed on the SSRF guard
+    capped = SendReport(settled=1, delivered=1, capped=128)
+    assert task_summaries.webhooks_sent(capped) == (
+        "webhooks: 1 delivered, 0 retrying, 0 dead, 128 waiting for their endpoint's "
+        "concurrency cap"
+    )
 
 
 def test_a_bare_postgresql_url_uses_the_driver_that_ships(tmp_path: Path) -> None:

@@ -67,11 +67,11 @@ def reconciled(report: ReconcileReport) -> str:
 
 def webhooks_sent(report: SendReport) -> str:
     """``webhooks: 40 delivered, 2 retrying, 0 dead`` (or idle)."""
-    if not (report.settled or report.retried or report.blocked):
+    if not (report.settled or report.retried or report.capped):
         return IDLE
     parts = [f"{report.delivered} delivered", f"{report.retried} retrying", f"{report.dead} dead"]
-    if report.blocked:
-        parts.append(f"{report.blocked} refused by the address guard")
+    if report.capped:
+        parts.append(f"{report.capped} waiting for their endpoint's concurrency cap")
     return "webhooks: " + ", ".join(parts)
 
 

@@ -84,7 +84,7 @@ class SendReport:
     retried: int = 0
     dead: int = 0
     unsigned: int = 0
-    blocked: int = 0
+    capped: int = 0  # due, but left waiting: their endpoint had its cap of sends in flight
     statuses: dict[int, int] = field(default_factory=dict)
 
 
@@ -151,7 +151,7 @@ class _Sender:
                 self.token,
             ],
         )
-        self.report.blocked = max(self.report.blocked, int(reply[1]))
+        self.report.capped = max(self.report.capped, int(reply[1]))
         out: list[Delivery] = []
         for i in range(2, len(reply), 6):
             rid, url, outcome, result, at, attempts = reply[i : i + 6]

@@ -202,7 +202,7 @@ class LedgerSource:
         order = sorted(unsent)
         pipe = client.pipeline(transaction=False)
         for request_id in order:
-            pipe.exists(keys.webhook(f"msg_{request_id}"))
+            pipe.exists(keys.webhook(request_id))
         held = {r for r, n in zip(order, pipe.execute(), strict=True) if n}
         if self.engine is not None:
             with self.engine.connect() as conn:

@@ -46,7 +46,11 @@ def run_with_crashes(
         crash_at=",".join(f"{step}*{n}" for step, n in plan.items()),
         crash_dir=markers,
         webhook_secret=SECRET,
-        webhook_timeout_seconds=5.0,  # a dead sender's claims lapse after this plus a minute
+        # A dead sender's claims lapse after the send timeout plus a minute, and count against
+        # their endpoint's cap until then: a cap above one sender's claims keeps the others
+        # sending meanwhile.
+        webhook_timeout_seconds=5.0,
+        webhook_endpoint_concurrency=256,
         max_batch_requests=100,
     )
     hook = receiver.script("/hook", 200)
