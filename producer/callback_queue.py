@@ -1,5 +1,8 @@
 """Consuming a callback queue: each result arrives at least once and stays until acked.
 
+``get_many``/``ack_many`` take and confirm whole chunks in one round trip each; ``get`` and
+iteration are built on them. :mod:`producer.aio_callback_queue` is the asyncio twin.
+
 Results whose deliveries are never acked come back after the visibility timeout, at most
 ``callback_max_deliveries`` times in all; when one comes due again after that, it moves to the
 queue's dead-letter stream (``{p}:cbdead:{queue}``) instead, which
@@ -10,8 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,17 +22,20 @@ import orjson
 from redis import Redis
 from redis.exceptions import ResponseError
 
+from producer.callback_protocol import (
+    ChunkPacer,
+    Reader,
+    Taken,
+    check_max,
+    delivery_ids,
+    lost_group,
+)
 from shared.embedded_redis import resolve_redis_url
-from shared.redis_layout import CALLBACK_GROUP, Keys, script_source, text
+from shared.redis_layout import CALLBACK_GROUP, script_source, text
 from shared.schemas import Result
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-
-_START = "0-0"
-# XAUTOCLAIM steps per script call; each scans at most 10 pending entries, so one round trip
-# looks at up to 1,000 entries that are still in flight before giving the caller control back.
-_SCAN_STEPS = 100
 
 
 @dataclass(slots=True)
@@ -100,75 +105,98 @@ class CallbackQueue:
     ) -> None:
         self.settings = settings or Settings.load()
         self._client = client or Redis.from_url(redis_url or resolve_redis_url(self.settings))
-        # Block in slices of half the client's socket timeout (5 s by default since redis-py
-        # 8): a read blocked for longer fails with TimeoutError instead of waiting.
-        socket_timeout = self._client.connection_pool.connection_kwargs.get("socket_timeout")
-        self._block_slice_ms = (
-            60_000 if socket_timeout is None else max(int(socket_timeout * 500), 10)
-        )
         self.name = name
-        keys = Keys(self.settings.key_prefix)
-        self.key = keys.callback(name)
-        self.dead_key = keys.callback_dead(name)
-        self.consumer = consumer or uuid.uuid4().hex
-        vt = visibility_timeout or self.settings.callback_visibility_timeout_seconds
-        self.visibility_timeout_ms = int(vt * 1000)
-        self.max_deliveries = self.settings.callback_max_deliveries
-        self._reclaim_script = self._client.register_script(script_source("reclaim_callback"))
-        # Where the next XAUTOCLAIM scan of the pending entries list starts.
-        self._cursor = _START
+        self._reader = Reader.for_queue(
+            name,
+            self.settings,
+            self._client.connection_pool.connection_kwargs,
+            consumer=consumer,
+            visibility_timeout=visibility_timeout,
+        )
+        self.key, self.dead_key = self._reader.key, self._reader.dead_key
+        self.consumer = self._reader.consumer
+        self.visibility_timeout_ms = self._reader.visibility_timeout_ms
+        self.max_deliveries = self._reader.max_deliveries
+        self._take_script = self._client.register_script(script_source("take_callbacks"))
         self._group_ready = False
 
     def get(self, timeout: float | None = None) -> Delivery | None:
         """The next result, waiting up to ``timeout`` seconds (None waits for ever)."""
+        taken = self.get_many(1, timeout)
+        return taken[0] if taken else None
+
+    def get_many(self, max: int = 500, timeout: float | None = None) -> list[Delivery]:
+        """Up to ``max`` results, oldest first, once any are there; [] after ``timeout`` s.
+
+        Due redeliveries come first, then new results; with results waiting this is one
+        round trip. ``timeout`` None waits for ever.
+        """
+        check_max(max)
         self._ensure_group()
         try:
-            return self._get(timeout)
+            return self._get_many(max, timeout)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if not lost_group(exc):
                 raise
         # Redis lost the stream or its group (a wipe, a restore, a failover): make it again
         # and carry on, so results the reconciler delivers anew reach this consumer.
         log.warning("callback queue %s: its consumer group was gone; created it again", self.name)
         self._group_ready = False
-        self._cursor = _START
+        self._reader.restart()
         self._ensure_group()
-        return self._get(timeout)
+        return self._get_many(max, timeout)
 
-    def _get(self, timeout: float | None) -> Delivery | None:
+    def _get_many(self, want: int, timeout: float | None) -> list[Delivery]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        keys = [self.key, self.dead_key]
         while True:
-            reclaimed = self._reclaim_one()
-            if reclaimed is not None:
-                return reclaimed
-            if self._cursor != _START:  # the scan stopped part-way: carry on before blocking
+            reply: Any = self._take_script(keys=keys, args=self._reader.take_args(want))
+            if taken := self._reader.read_take(reply):
+                return self._deliveries(taken)
+            if self._reader.mid_pass:  # the scan stopped part-way: carry on before blocking
                 if deadline is not None and time.monotonic() >= deadline:
-                    return None
+                    return []
                 continue
-            wait_ms = min(self.visibility_timeout_ms, self._block_slice_ms)
-            if deadline is not None:
-                wait_ms = min(wait_ms, int((deadline - time.monotonic()) * 1000))
-                if wait_ms <= 0:
-                    return None
-            reply: Any = self._client.xreadgroup(
-                CALLBACK_GROUP, self.consumer, {self.key: ">"}, count=1, block=max(wait_ms, 1)
+            wait_ms = self._reader.wait_ms(deadline)
+            if wait_ms is None:
+                return []
+            reply = self._client.xreadgroup(
+                CALLBACK_GROUP, self.consumer, {self.key: ">"}, count=want, block=wait_ms
             )
-            if reply:
-                entry_id, fields = reply[0][1][0]
-                return self._delivery(entry_id, fields, redelivered=False, deliveries=1)
+            if taken := self._reader.read_new(reply):
+                return self._deliveries(taken)
 
     def __iter__(self) -> Iterator[Delivery]:
+        """Every result in turn, fetched a chunk at a time; ack each one."""
+        pacer = ChunkPacer(self.visibility_timeout_ms)
         while True:
-            delivery = self.get(timeout=1.0)
-            if delivery is not None:
+            chunk = self.get_many(pacer.size)
+            taken_at = time.monotonic()
+            for delivery in chunk:
+                if not pacer.fresh(taken_at):
+                    pacer.stale()
+                    break
                 yield delivery
+            else:
+                pacer.handled()
 
     def ack(self, delivery_id: str) -> None:
         """Confirm one delivery and drop it from the stream."""
+        self.ack_many([delivery_id])
+
+    def ack_many(self, deliveries: Iterable[str | Delivery]) -> int:
+        """Confirm deliveries (or delivery ids) and drop them, in one round trip.
+
+        Returns how many were still unacked.
+        """
+        ids = delivery_ids(deliveries)
+        if not ids:
+            return 0
         pipe = self._client.pipeline(transaction=True)
-        pipe.xack(self.key, CALLBACK_GROUP, delivery_id)
-        pipe.xdel(self.key, delivery_id)
-        pipe.execute()
+        pipe.xack(self.key, CALLBACK_GROUP, *ids)
+        pipe.xdel(self.key, *ids)
+        acked, _deleted = pipe.execute()
+        return int(acked)
 
     def backlog(self) -> int:
         """Results in the queue, delivered or not, that nobody has acked yet."""
@@ -197,41 +225,8 @@ class CallbackQueue:
                 raise
         self._group_ready = True
 
-    def _reclaim_one(self) -> Delivery | None:
-        args: list[str | int] = [
-            CALLBACK_GROUP,
-            self.consumer,
-            self.visibility_timeout_ms,
-            self._cursor,
-            self.max_deliveries,
-            _SCAN_STEPS,
-        ]
-        reply: Any = self._reclaim_script(keys=[self.key, self.dead_key], args=args)
-        cursor, dead, entry_id, deliveries, flat = reply
-        self._cursor = text(cursor)
-        for request_id, delivered in zip(dead[::2], dead[1::2], strict=True):
-            log.warning(
-                "callback queue %s: result of request %s moved to the dead-letter stream after "
-                "%d deliveries without an ack",
-                self.name,
-                text(request_id) or "?",
-                delivered,
-            )
-        if not entry_id:
-            return None
-        fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        return self._delivery(entry_id, fields, redelivered=True, deliveries=int(deliveries))
-
-    def _delivery(
-        self, entry_id: bytes, fields: dict[bytes, bytes], *, redelivered: bool, deliveries: int
-    ) -> Delivery:
-        return Delivery(
-            result=Result.from_json(fields[b"result"]),
-            delivery_id=entry_id.decode(),
-            redelivered=redelivered,
-            _queue=self,
-            deliveries=deliveries,
-        )
+    def _deliveries(self, taken: list[Taken]) -> list[Delivery]:
+        return [Delivery(t.result, t.delivery_id, t.redelivered, self, t.deliveries) for t in taken]
 
 
 def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:

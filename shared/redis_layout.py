@@ -72,7 +72,6 @@ _SCRIPT_NAMES = (
     "finish",
     "release_lease",
     "renew_lease",
-    "reclaim_callback",
     "restore_done",
     "reclaim_batch",
     "cancel",

@@ -17,7 +17,7 @@ from producer import CallbackQueue, Producer
 from shared.redis_layout import CALLBACK_GROUP
 from shared.schemas import Result
 from shared.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import make_settings, run_at_once
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -192,11 +192,7 @@ def test_a_result_delivered_too_often_moves_to_the_dead_letter_stream_once(
                 delivery.ack()
         queue.close()
 
-    consumers = [threading.Thread(target=consume) for _ in range(2)]
-    for thread in consumers:
-        thread.start()
-    for thread in consumers:
-        thread.join()
+    assert run_at_once(consume, 2) == []
 
     # Then the poison result is in the dead-letter stream exactly once, and nowhere else
     assert redis_client.xlen("bb:cbdead:svc") == 1
