@@ -137,9 +137,18 @@ class Reader:
         """Whether a pass over the PEL stopped part-way (so it goes on before blocking)."""
         return self._cursor != START
 
+    @property
+    def scan_due(self) -> bool:
+        """Whether the next take should look for due redeliveries (run the script).
+
+        When it need not, a plain XREADGROUP takes new results: the script would only wrap
+        the same read, and copying every entry through Lua costs Redis as much again.
+        """
+        return self.mid_pass or time.monotonic() >= self._next_pass_at
+
     def take_args(self, want: int) -> list[str | int]:
         """ARGV for ``take_callbacks.lua``, taking up to ``want`` results."""
-        scan = self.mid_pass or time.monotonic() >= self._next_pass_at
+        scan = self.scan_due
         return [
             CALLBACK_GROUP,
             self.consumer,

@@ -150,21 +150,23 @@ class CallbackQueue:
         deadline = None if timeout is None else time.monotonic() + timeout
         keys = [self.key, self.dead_key]
         while True:
-            reply: Any = self._take_script(keys=keys, args=self._reader.take_args(want))
-            if taken := self._reader.read_take(reply):
-                return self._deliveries(taken)
-            if self._reader.mid_pass:  # the scan stopped part-way: carry on before blocking
-                if deadline is not None and time.monotonic() >= deadline:
-                    return []
-                continue
+            if self._reader.scan_due:
+                reply: Any = self._take_script(keys=keys, args=self._reader.take_args(want))
+                if taken := self._reader.read_take(reply):
+                    return self._deliveries(taken)
+                if self._reader.mid_pass:  # the scan stopped part-way: carry on first
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return []
+                    continue
+            # None once the deadline has passed: look once more, without waiting
             wait_ms = self._reader.wait_ms(deadline)
-            if wait_ms is None:
-                return []
             reply = self._client.xreadgroup(
                 CALLBACK_GROUP, self.consumer, {self.key: ">"}, count=want, block=wait_ms
             )
             if taken := self._reader.read_new(reply):
                 return self._deliveries(taken)
+            if wait_ms is None:
+                return []
 
     def __iter__(self) -> Iterator[Delivery]:
         """Every result in turn, fetched a chunk at a time; ack each one."""

@@ -60,9 +60,9 @@ def test_async_drain_costs_round_trips_per_chunk(settings: Settings, redis_clien
 
     sizes, drain = asyncio.run(scenario())
 
-    # Then each chunk was one script call and one MULTI
+    # Then each chunk was one read and one MULTI
     assert sizes == [500, 499]
-    assert drain["evalsha"] == 3 and drain["exec"] == 2
+    assert drain["xreadgroup"] == 3 and drain["evalsha"] == 0 and drain["exec"] == 2
     assert sum(drain.values()) <= 20, drain
     assert redis_client.xlen(KEY) == 0
 
