@@ -56,6 +56,7 @@ soak: install-dev
 bench: install-dev
 	$(BIN)/python bench/bench_submit.py
 	$(BIN)/python bench/bench_pack.py
+	$(BIN)/python bench/bench_consume.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
