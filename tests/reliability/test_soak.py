@@ -80,7 +80,13 @@ def test_soak_with_a_random_kill_every_minute(
 
     # Then the ledger is clean, and the worker's memory did not grow
     print(f"RSS (s since start, MB): {rss}", flush=True)
-    run.finish(600, kills=len(kills), kinds=",".join(kills))
+    sizes = [mb for _, mb in rss if mb > 0]
+    run.finish(
+        600,
+        kills=len(kills),
+        kinds=",".join(kills),
+        worker_rss_mb=f"{min(sizes, default=0):.0f}-{max(sizes, default=0):.0f}",
+    )
     steady = [mb for _, mb in rss[1:] if mb > 0]
     if len(steady) >= 6:
         third = len(steady) // 3
