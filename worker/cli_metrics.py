@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Annotated
 
 import typer
@@ -32,9 +34,23 @@ def metrics(
     except OSError as exc:
         raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     err_console.print(f"serving Prometheus metrics at http://{host}:{server.port}/metrics")
+    stopping = threading.Event()
+
+    def stop(_signum: int, _frame: object) -> None:
+        # Ctrl-C or SIGTERM asks serve_forever to return (shutdown() waits for it, so from a
+        # thread) instead of raising KeyboardInterrupt wherever the main thread happens to
+        # be, which can leave a lock taken and the process hanging on its way out.
+        if stopping.is_set():
+            raise KeyboardInterrupt  # asked twice: stop now
+        stopping.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass  # Ctrl-C is how it is stopped: no traceback, exit 0
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server.close()
