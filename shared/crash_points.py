@@ -91,7 +91,6 @@ class CrashPlan:
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        return
 
 
 def crashes_so_far(marker_dir: Path, step: str | None = None) -> int:

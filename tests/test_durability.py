@@ -24,6 +24,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from producer import Producer, Result
+from shared.embedded_redis import EmbeddedRedis
 from shared.models import utcnow
 from shared.providers.local import LocalProvider
 from shared.settings import Settings
@@ -139,6 +140,13 @@ def pipeline_settings(redis_url: str, tmp_path: Path, database_url: str) -> Sett
     )
 
 
+def crash_back_to(server: EmbeddedRedis, saved: Path) -> None:
+    """SIGKILL Redis and restart it on ``saved``, the AOF as the disk held it earlier."""
+    server.kill()
+    shutil.copyfile(saved, server.aof_path)
+    server.start()
+
+
 def run_to_the_end(ctx: WorkerContext) -> None:
     """Every step three times over, the reconciler after each round."""
     for _ in range(3):
@@ -185,9 +193,7 @@ def test_with_everysec_a_cut_aof_tail_leaves_nothing_stuck_or_doubled(
     ctx.close()
 
     # When Redis crashes and comes back without what it wrote after that moment
-    server.kill()
-    shutil.copyfile(saved, server.aof_path)
-    server.start()
+    crash_back_to(server, saved)
 
     # And the reconciler runs, then the pipeline goes on to the end
     ctx = WorkerContext.create(settings)
@@ -229,9 +235,7 @@ def test_a_keyed_request_resubmitted_after_redis_lost_it_is_still_made_once(
     ids = [h.id for h in producer.submit_many(requests)]
     _pack(ctx)
     ctx.close()
-    server.kill()
-    shutil.copyfile(saved, server.aof_path)
-    server.start()
+    crash_back_to(server, saved)
 
     # When the producer resubmits them with the same keys, as the durability contract says
     ctx = WorkerContext.create(settings)

@@ -80,7 +80,6 @@ def cancel_unsent(ctx: WorkerContext, batch: Batch) -> bool:
             BatchState.FAILED,
             expect=[BatchState(batch.state)],
             outcome="unsent" if requeue else "cancelled",
-            next_poll_at=None,
             error="cancelled by the operator before submission"
             + ("; its requests go round again" if requeue else ""),
         )

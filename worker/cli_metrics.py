@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Annotated
 
 import typer
 
 from shared.embedded_redis import RedisUnavailable, resolve_redis_url
 from worker.cli_requests import err_console, fail, load_settings
+from worker.interrupts import StopRequest
 
 
 def metrics(
@@ -34,23 +36,16 @@ def metrics(
     except OSError as exc:
         raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     err_console.print(f"serving Prometheus metrics at http://{host}:{server.port}/metrics")
-    stopping = threading.Event()
-
-    def stop(_signum: int, _frame: object) -> None:
-        # Ctrl-C or SIGTERM asks serve_forever to return (shutdown() waits for it, so from a
-        # thread) instead of raising KeyboardInterrupt wherever the main thread happens to
-        # be, which can leave a lock taken and the process hanging on its way out.
-        if stopping.is_set():
-            raise KeyboardInterrupt  # asked twice: stop now
-        stopping.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Served from a thread, so Ctrl-C or SIGTERM only asks the main thread to stop it
+    # (worker/interrupts.py) rather than interrupting the server wherever it is.
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
     try:
-        server.serve_forever()
+        with StopRequest((signal.SIGINT, signal.SIGTERM)) as stop:
+            serving.start()
+            while not stop.asked and serving.is_alive():
+                stop.sleep_until(time.monotonic() + 0.5)
+            server.shutdown()
     except KeyboardInterrupt:
-        pass  # Ctrl-C is how it is stopped: no traceback, exit 0
+        pass  # asked twice: stop without waiting
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         server.close()

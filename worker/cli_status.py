@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
@@ -20,6 +18,7 @@ from sqlmodel import Session
 from shared.embedded_redis import RedisUnavailable
 from shared.errors import describe_error
 from worker.cli_requests import cli_failure, console, fail, load_settings
+from worker.interrupts import StopRequest
 
 if TYPE_CHECKING:
     from worker.status import StatusSource
@@ -95,26 +94,12 @@ def status(
 
 
 def _every(interval: float, step: Callable[[], None]) -> None:
-    # The first Ctrl-C only asks the loop to stop after the refresh in progress: an interrupt
-    # raised inside a database or Redis client call can leave its pool locked and the exit
-    # stuck. A second Ctrl-C interrupts at once, for a refresh that hangs. (A plain flag, not
-    # an Event: a handler that takes a lock the interrupted code holds would deadlock.)
-    stopping: list[bool] = []
-
-    def on_interrupt(signum: int, frame: FrameType | None) -> None:
-        if stopping:
-            raise KeyboardInterrupt
-        stopping.append(True)
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        while not stopping:
+    # The first Ctrl-C stops the loop after the refresh in progress (worker/interrupts.py).
+    with StopRequest() as stop:
+        while not stop.asked:
             due = time.monotonic() + interval
             step()
-            while not stopping and time.monotonic() < due:
-                time.sleep(min(0.05, max(0.0, due - time.monotonic())))
-    finally:
-        signal.signal(signal.SIGINT, previous)
+            stop.sleep_until(due)
 
 
 def _watch(source: StatusSource, interval: float) -> None:

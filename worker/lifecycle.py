@@ -395,7 +395,6 @@ def fail_unsent_batch(ctx: WorkerContext, batch_id: str, *, force: bool = False)
                 BatchState.FAILED,
                 expect=[BatchState(batch.state)],
                 outcome="failed",
-                next_poll_at=None,
                 error=f"failed by the operator; last error: {batch.error or 'none'}",
             )
             session.commit()

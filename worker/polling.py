@@ -146,7 +146,6 @@ def _to_collecting(ctx: WorkerContext, batch: Batch, **fields: Any) -> bool:
             batch.id,
             BatchState.COLLECTING,
             expect=[BatchState.SUBMITTED],
-            next_poll_at=None,
             **fields,
         )
         session.commit()

@@ -22,9 +22,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import orjson
 from redis import Redis
+from redis.client import Pipeline
 from sqlalchemy import Engine, text
 
 from producer import Result
@@ -179,37 +181,44 @@ class LedgerSource:
 
     def _still_held(self, client: Redis, keys: Keys, undelivered: set[str]) -> set[str]:
         """Those of ``undelivered`` that Redis or the record still shows in flight."""
-        if not undelivered:
-            return set()
-        order = sorted(undelivered)
-        pipe = client.pipeline(transaction=False)
-        for request_id in order:
-            pipe.hget(keys.request(request_id), "state")
-        states = dict(zip(order, pipe.execute(), strict=True))
-        held = {r for r, s in states.items() if s in (b"pending", b"batched")}
-        if self.engine is not None:
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    text("SELECT id FROM requests WHERE state IN ('batched', 'requeued')")
-                )
-                held |= {row[0] for row in rows} & undelivered
-        return held
+        return self._held(
+            client,
+            undelivered,
+            lambda pipe, request_id: pipe.hget(keys.request(request_id), "state"),
+            lambda state: state in (b"pending", b"batched"),
+            "SELECT id FROM requests WHERE state IN ('batched', 'requeued')",
+        )
 
     def _webhook_held(self, client: Redis, keys: Keys, unsent: set[str]) -> set[str]:
         """Those of ``unsent`` whose webhook still waits in the outbox or the record."""
-        if not unsent:
+        return self._held(
+            client,
+            unsent,
+            lambda pipe, request_id: pipe.exists(keys.webhook(request_id)),
+            bool,
+            "SELECT request_id FROM webhook_deliveries WHERE state = 'pending'",
+        )
+
+    def _held(
+        self,
+        client: Redis,
+        ids: set[str],
+        ask: Callable[[Pipeline, str], object],
+        holds: Callable[[Any], bool],
+        in_record: str,
+    ) -> set[str]:
+        """Those of ``ids`` for which Redis answers ``ask`` as ``holds`` says, or which the
+        record's ``in_record`` query (one id column) lists."""
+        if not ids:
             return set()
-        order = sorted(unsent)
+        order = sorted(ids)
         pipe = client.pipeline(transaction=False)
         for request_id in order:
-            pipe.exists(keys.webhook(request_id))
-        held = {r for r, n in zip(order, pipe.execute(), strict=True) if n}
+            ask(pipe, request_id)
+        held = {r for r, reply in zip(order, pipe.execute(), strict=True) if holds(reply)}
         if self.engine is not None:
             with self.engine.connect() as conn:
-                rows = conn.execute(
-                    text("SELECT request_id FROM webhook_deliveries WHERE state = 'pending'")
-                )
-                held |= {row[0] for row in rows} & unsent
+                held |= {row[0] for row in conn.execute(text(in_record))} & ids
         return held
 
 

@@ -136,7 +136,7 @@ def resubmit_recent(run: Scenario, within: float) -> int:
     renewed = 0
     for start in range(0, len(recent), 100):
         old = recent[start : start + 100]
-        again = run._submit_chunk([run.sent[r] for r in old], retry_for=30.0)
+        again = run.submit_bodies([run.sent[r] for r in old], retry_for=30.0)
         for old_id, handle in zip(old, again, strict=True):
             if handle.id != old_id:
                 renewed += 1
