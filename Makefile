@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CODE := producer worker shared
 
-.PHONY: run test test-slow chaos soak lint typecheck unit bench install install-dev clean
+.PHONY: run test test-slow chaos soak lint typecheck unit bench bench-smoke install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,10 +53,14 @@ soak: install-dev
 	BATCHBRIDGE_TEST_LEDGER_DIR=$(LEDGERS) $(BIN)/python -m pytest -q -s -m soak tests/reliability; \
 	status=$$?; $(BIN)/python -m tests.reliability.results $(LEDGERS) "make soak"; exit $$status
 
+# Every benchmark case on one Redis, against its baseline in the same run (~10 min): writes
+# bench/results/latest.md and latest.json, and fails when a target is missed.
 bench: install-dev
-	$(BIN)/python bench/bench_submit.py
-	$(BIN)/python bench/bench_pack.py
-	$(BIN)/python bench/bench_consume.py
+	$(BIN)/python -m bench
+
+# Every case at a small size (~3 min): proves the benchmarks run; says nothing about targets.
+bench-smoke: install-dev
+	$(BIN)/python -m bench --smoke
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,13 +1,11 @@
-"""What the benchmark scripts share: a throwaway Redis, a realistic payload, result files."""
+"""What the benchmark cases share: a throwaway Redis, realistic payloads, statistics."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,7 +18,6 @@ from redis import Redis
 from shared.embedded_redis import EmbeddedRedis
 
 REDIS_URL_ENV = "BATCHBRIDGE_BENCH_REDIS_URL"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODEL = "meta-llama/Llama-3.3-70B-Instruct-Turbo"
 MAX_TOKENS = 256
 
@@ -51,6 +48,20 @@ def chat_request(n: int = 0) -> dict[str, Any]:
         ],
         "max_tokens": MAX_TOKENS,
     }
+
+
+def sized_request(size: int, n: int = 0) -> dict[str, Any]:
+    """A chat request whose body JSON is ``size`` bytes (give or take a few): a review padded."""
+    request = chat_request(n)
+    request["messages"] = [{"role": "user", "content": REVIEW.format(n=n)}]
+    short = len(body_bytes(request))
+    if size < short:
+        request["messages"][0]["content"] = request["messages"][0]["content"][: size - short]
+    else:
+        # The review has no characters JSON escapes, so characters and bytes agree.
+        filler = (" " + REVIEW.format(n=n)) * (size // len(REVIEW) + 1)
+        request["messages"][0]["content"] += filler[: size - short]
+    return request
 
 
 def body_bytes(request: dict[str, Any]) -> bytes:
@@ -85,7 +96,7 @@ def environment(client: Redis) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "loadavg": [round(x, 2) for x in load],
+        "loadavg": " ".join(f"{x:.2f}" for x in load),
         "redis_server": info.get("redis_version"),
         "redis_py": redis.__version__,
         "hiredis": bool(redis.utils.HIREDIS_AVAILABLE),
@@ -102,33 +113,3 @@ def quartiles(values: Sequence[float]) -> tuple[float, float]:
     """The 25th and 75th percentiles: how far the rounds disagree, without the outliers."""
     q1, _, q3 = statistics.quantiles(values, n=4)
     return q1, q3
-
-
-def verdict(name: str, ok: bool, detail: str) -> str:
-    """One PASS/FAIL line."""
-    return f"{'PASS' if ok else 'FAIL'}  {name}: {detail}"
-
-
-def write_results(name: str, data: dict[str, Any]) -> Path:
-    """Write ``bench/results/{name}.json`` and return its path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain text table, right-aligned after the first column."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest])
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def flush_stdout() -> None:
-    """Show progress lines at once even when stdout is a pipe (``make bench | tee``)."""
-    sys.stdout.flush()

@@ -43,6 +43,7 @@ default provider.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -77,7 +78,10 @@ _SCRIPT_NAMES = (
     "cancel",
     "claim_webhooks",
     "settle_webhook",
+    "request_fields",
 )
+# Requests per request_fields call: one reply stays a few MB even for large metadata.
+_FIELDS_CHUNK = 2000
 # Scripts that give requests their terminal outcome share one Lua function for it.
 _TERMINAL_LIB = "_terminal"
 _USES_TERMINAL = frozenset({"finish", "requeue", "unclaim", "restore_done", "cancel"})
@@ -214,6 +218,31 @@ class Scripts:
     def run(self, name: str, keys: list[str], args: list[Any], client: Any | None = None) -> Any:
         """Run one script (EVALSHA, loading it on first use) on ``client`` or a pipeline."""
         return self._scripts[name](keys=keys, args=args, client=client)
+
+
+def request_fields(
+    scripts: Scripts, prefix: str, ids: Sequence[str], fields: Sequence[str]
+) -> list[tuple[Any, ...]]:
+    """``fields`` of each request's hash, in ``ids`` order (None where absent or gone)."""
+    out: list[tuple[Any, ...]] = []
+    for start in range(0, len(ids), _FIELDS_CHUNK):
+        for _, rows in request_fields_within(
+            scripts, prefix, ids[start : start + _FIELDS_CHUNK], fields, 0
+        ):
+            out += rows
+    return out
+
+
+def request_fields_within(
+    scripts: Scripts, prefix: str, ids: Sequence[str], fields: Sequence[str], max_bytes: int
+) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
+    """(index of the first id, its rows) per call, each reply about ``max_bytes`` at most."""
+    n, start = len(fields), 0
+    while start < len(ids):
+        flat = scripts.run("request_fields", [], [prefix, n, max_bytes, *fields, *ids[start:]])
+        rows = [tuple(flat[i : i + n]) for i in range(0, len(flat), n)]
+        yield start, rows
+        start += len(rows)
 
 
 def server_time_ms(client: Any) -> int:

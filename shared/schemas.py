@@ -94,6 +94,43 @@ class Result(BaseModel):
             )
         )
 
+    @staticmethod
+    def encode(
+        *,
+        request_id: str,
+        status: ResultStatus,
+        response: dict[str, Any] | None = None,
+        error: ErrorInfo | None = None,
+        usage: dict[str, Any] | None = None,
+        batch_id: str | None = None,
+        attempts: int = 0,
+        metadata: dict[str, Any] | None = None,
+        dry_run: bool = False,
+    ) -> bytes:
+        """``Result(...).to_json()``, byte for byte, without building the model.
+
+        The collector encodes one Result per request of a 50,000-line batch; skipping the
+        model's validation and dump is most of what that costs. The values must already be
+        what the model holds (a JSON object as response, usage and metadata).
+        """
+        if not isinstance(metadata, dict | None):
+            raise ValueError(f"metadata must be a JSON object, not {type(metadata).__name__}")
+        out: dict[str, Any] = {"request_id": request_id, "status": status}
+        if response is not None:
+            out["response"] = response
+        if error is not None:
+            out["error"] = {"code": error.code, "message": error.message}
+        if usage is not None:
+            out["usage"] = usage
+        if batch_id is not None:
+            out["batch_id"] = batch_id
+        out["attempts"] = attempts
+        if metadata is not None:
+            out["metadata"] = metadata
+        if dry_run:
+            out["dry_run"] = True
+        return orjson.dumps(out)
+
     @classmethod
     def from_json(cls, raw: bytes | str) -> Result:
         """Inverse of :meth:`to_json`."""

@@ -24,7 +24,12 @@ from shared.models import Batch, Request
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
-_READ_CHUNK = 5000  # requests per HMGET of bodies: ~5 MB, few round trips
+# Bodies are read a chunk at a time, sized so a chunk holds about _READ_BYTES: the first
+# chunk is small, and the next ones are sized by the mean body seen so far (5,000 ~1 KB bodies,
+# or 180 of 44 KB: a 100 MB batch never sits in memory whole).
+_READ_BYTES = 8 << 20
+_FIRST_CHUNK = 256
+_MAX_CHUNK = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +50,13 @@ def write_lines(
     written = 0
     try:
         with open(tmp, "wb", buffering=1 << 20) as out:
-            for start in range(0, len(ids), _READ_CHUNK):
-                written += _write_chunk(ctx, batch_id, buf, ids[start : start + _READ_CHUNK],
-                                        out, digest)  # fmt: skip
+            start, size = 0, _FIRST_CHUNK
+            while start < len(ids):
+                chunk = ids[start : start + size]
+                written += _write_chunk(ctx, batch_id, buf, chunk, out, digest)
+                start += len(chunk)
+                mean = max(written, 1) / start
+                size = int(min(_MAX_CHUNK, max(1, _READ_BYTES // mean)))
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -61,17 +70,18 @@ def _write_chunk(
     ctx: WorkerContext, batch_id: str, buf: str, chunk: list[bytes], out: IO[bytes], digest: Any
 ) -> int:
     bodies: list[Any] = ctx.redis.hmget(ctx.keys.bodies(buf), chunk)
-    lines = []
+    written = 0
     for request_id, body in zip(chunk, bodies, strict=True):
         if body is None:
             # Only a Redis that lost data gets here; the collector then reports the request
             # as not executed and it goes round again until out of attempts.
             log.error("request %s has no body; left out of batch %s", request_id, batch_id)
             continue
-        lines.append(b'{"custom_id":"' + request_id + b'","body":' + body + b"}\n")
-    data = b"".join(lines)
-    digest.update(data)
-    return out.write(data)
+        # Line by line: the chunk's bodies are the only copy held, not a joined second one.
+        line = b'{"custom_id":"' + request_id + b'","body":' + body + b"}\n"
+        digest.update(line)
+        written += out.write(line)
+    return written
 
 
 def local_path(ctx: WorkerContext, batch: Batch) -> Path:

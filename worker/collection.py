@@ -29,6 +29,7 @@ from sqlmodel import select
 from shared.db import finish_requests, transition, update_batch
 from shared.models import Batch, BatchState, Request, RequestState
 from shared.providers.base import ProviderError
+from shared.redis_layout import request_fields_within
 from shared.schemas import ErrorInfo, Result
 from worker.backoff import backoff
 from worker.batch_cancel import REQUEUED
@@ -41,6 +42,7 @@ from worker.cancellation import (
     requeue_or_cancel,
 )
 from worker.context import WorkerContext
+from worker.gc_pause import gc_paused
 from worker.provider_files import delete_provider_files
 from worker.result_lines import (
     REQUEUED_CODE,
@@ -60,7 +62,11 @@ __all__ = [
     "parse_result_line",
 ]
 log = logging.getLogger(__name__)
-_CHUNK = 500
+# Outcomes are applied this many at a time (one script call, one SQL commit per chunk), or
+# sooner once their lines add up to _CHUNK_BYTES: the bound on what a chunk holds in memory
+# when responses (or metadata) are large.
+_CHUNK = 2000
+_CHUNK_BYTES = 8 << 20
 # Token counts are recorded in 32-bit integer columns; no real request comes near this.
 MAX_TOKENS = 2**31 - 1
 
@@ -101,6 +107,11 @@ def collect_ready_batches(ctx: WorkerContext) -> list[str]:
 
 def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
     """Fan out one batch's results; True once the batch is FINISHED."""
+    with gc_paused():
+        return _collect_batch(ctx, batch_id)
+
+
+def _collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
     with ctx.session() as session:
         batch = session.get(Batch, batch_id)
         if batch is None or batch.state not in (BatchState.COLLECTING, BatchState.FAILED):
@@ -231,6 +242,7 @@ class _FanOut:
         self.seen: set[str] = set()
         self._held_back: dict[str, tuple[Path, int]] = {}
         self._pending: list[LineOutcome] = []
+        self._pending_bytes = 0
 
     def add(self, outcome: LineOutcome, source: tuple[Path, int] | None = None) -> None:
         """Take one outcome; one read from ``source`` (file, offset) may be held back."""
@@ -246,7 +258,8 @@ class _FanOut:
         self._held_back.pop(request_id, None)
         self.seen.add(request_id)
         self._pending.append(outcome)
-        if len(self._pending) >= _CHUNK:
+        self._pending_bytes += outcome.size
+        if len(self._pending) >= _CHUNK or self._pending_bytes >= _CHUNK_BYTES:
             self.flush()
 
     def add_held_back_failures(self) -> None:
@@ -263,19 +276,26 @@ class _FanOut:
 
     def flush(self) -> None:
         """Deliver and record the buffered outcomes."""
-        chunk, self._pending = self._pending, []
+        chunk, self._pending, self._pending_bytes = self._pending, [], 0
         if not chunk:
             return
+        ids = [o.request_id for o in chunk]
+        # Metadata is read in parts of about _CHUNK_BYTES, so results carrying large metadata
+        # are applied fewer at a time: what a part holds stays bounded whatever it carries.
+        parts = request_fields_within(
+            self.ctx.scripts, self.ctx.keys.base, ids, ("meta", "cx"), _CHUNK_BYTES
+        )
+        for start, fields in parts:
+            self._apply(chunk[start : start + len(fields)], fields)
+
+    def _apply(self, chunk: list[LineOutcome], fields: list[tuple[Any, ...]]) -> None:
         ctx, keys = self.ctx, self.ctx.keys
         max_attempts = ctx.settings.max_attempts
         # Nor does a batch the operator cancelled to send its requests round again.
         unsent = self.batch.outcome in ("unsent", REQUEUED)
-        fields = ctx.redis.pipeline(transaction=False)
-        for o in chunk:
-            fields.hmget(keys.request(o.request_id), ["meta", "cx"])
         retry: list[LineOutcome] = []
         ready: list[tuple[LineOutcome, bytes | None, bool]] = []
-        for o, (meta, cancel_mark) in zip(chunk, fields.execute(), strict=True):
+        for o, (meta, cancel_mark) in zip(chunk, fields, strict=True):
             if cancel_mark:
                 ready.append((o, meta, True))  # cancelled while batched: never sent round
             elif o.retryable and (unsent or self.attempts[o.request_id] < max_attempts):
@@ -329,9 +349,10 @@ class _FanOut:
 
     def _encoded(self, o: LineOutcome, meta: bytes | None) -> tuple[LineOutcome, bytes]:
         # Anything about one result that cannot be encoded (metadata or a response nested
-        # deeper than the encoders go, metadata that is not JSON) fails that request alone.
+        # deeper than the encoders go, metadata that is not a JSON object) fails that request
+        # alone.
         try:
-            return o, self._result(o, meta).to_json()
+            return o, self._encode(o, meta)
         except Exception as exc:
             log.error(
                 "batch %s: result of %s cannot be encoded: %s", self.batch.id, o.request_id, exc
@@ -341,9 +362,9 @@ class _FanOut:
                 o.request_id, "failed", error=ErrorInfo(code="result_encoding", message=reason)
             )
         try:
-            return failed, self._result(failed, meta).to_json()
+            return failed, self._encode(failed, meta)
         except Exception:  # the metadata itself is what cannot be encoded
-            return failed, self._result(failed, None).to_json()
+            return failed, self._encode(failed, None)
 
     def _dry_run(self, response: dict[str, Any] | None) -> bool:
         # Noted for the whole batch too: its token counters say whether a model ran.
@@ -351,9 +372,9 @@ class _FanOut:
         self.dry_run = self.dry_run or dry
         return dry
 
-    def _result(self, o: LineOutcome, meta: bytes | None) -> Result:
+    def _encode(self, o: LineOutcome, meta: bytes | None) -> bytes:
         usage = o.response.get("usage") if o.response else None
-        return Result(
+        return Result.encode(
             request_id=o.request_id,
             status=o.status,  # type: ignore[arg-type]
             response=o.response,

@@ -42,7 +42,7 @@ from sqlmodel import select
 
 from shared.db import transition
 from shared.models import Batch, BatchState, Request, RequestState, WebhookDelivery
-from shared.redis_layout import text
+from shared.redis_layout import request_fields, text
 from shared.schemas import ErrorInfo, Result
 from worker.cancellation import requeue_or_cancel
 from worker.context import WorkerContext
@@ -50,7 +50,7 @@ from worker.context import WorkerContext
 log = logging.getLogger(__name__)
 RECENT = timedelta(minutes=15)
 DATA_LOST = "redis_data_lost"
-_CHUNK = 1000
+_CHUNK = 5000
 _FINAL = (RequestState.COMPLETED.value, RequestState.FAILED.value, RequestState.CANCELLED.value)
 # Batches holding a claim on their requests until collected. (A collecting batch's requests
 # legitimately move on as they are requeued; what Redis lost there, (a) finds once finished.)
@@ -472,7 +472,5 @@ def _bodies_exist(ctx: WorkerContext, bufs: dict[str, str]) -> dict[str, bool]:
 
 def _redis_states(ctx: WorkerContext, ids: Sequence[str]) -> list[tuple[str | None, ...]]:
     """(state, batch, buf) of each request's hash; all None for a hash that is gone."""
-    pipe = ctx.redis.pipeline(transaction=False)
-    for request_id in ids:
-        pipe.hmget(ctx.keys.request(request_id), ["state", "batch", "buf"])
-    return [tuple(text(v) if v is not None else None for v in reply) for reply in pipe.execute()]
+    replies = request_fields(ctx.scripts, ctx.keys.base, ids, ("state", "batch", "buf"))
+    return [tuple(text(v) if v is not None else None for v in reply) for reply in replies]

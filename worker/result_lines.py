@@ -54,6 +54,7 @@ class LineOutcome:
     status: str  # completed | failed | cancelled
     response: dict[str, Any] | None = None
     error: ErrorInfo | None = None
+    size: int = 0  # bytes of the line it came from: what holding it in memory roughly costs
 
     @property
     def retryable(self) -> bool:
@@ -125,7 +126,7 @@ def _outcome_of(raw: bytes, where: str, problems: LineProblems) -> LineOutcome |
     if not isinstance(custom_id, str) or not custom_id:
         problems.note("no custom_id", where)
         return None
-    return parse_result_line(custom_id, line)
+    return parse_result_line(custom_id, line, size=len(raw))
 
 
 def _why_not_json(raw: bytes) -> str:
@@ -139,7 +140,7 @@ def _why_not_json(raw: bytes) -> str:
     return "not JSON"
 
 
-def parse_result_line(custom_id: str, line: dict[str, Any]) -> LineOutcome:
+def parse_result_line(custom_id: str, line: dict[str, Any], size: int = 0) -> LineOutcome:
     """One line → the outcome it reports: error set, or a non-200 response, means failure."""
     error = line.get("error")
     response = line.get("response") or {}
@@ -153,6 +154,7 @@ def parse_result_line(custom_id: str, line: dict[str, Any]) -> LineOutcome:
                 code=str(info.get("code") or "provider_error")[:_CODE_CHARS],
                 message=str(info.get("message") or "the provider reported an error"),
             ),
+            size=size,
         )
     status_code = response.get("status_code", 200) if isinstance(response, dict) else 0
     if status_code != 200 or not isinstance(body, dict):
@@ -165,5 +167,6 @@ def parse_result_line(custom_id: str, line: dict[str, Any]) -> LineOutcome:
                 code=f"http_{status_code}"[:_CODE_CHARS],
                 message=str(message or f"the provider answered {status_code}"),
             ),
+            size=size,
         )
-    return LineOutcome(custom_id, "completed", response=body)
+    return LineOutcome(custom_id, "completed", response=body, size=size)

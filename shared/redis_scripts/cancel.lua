@@ -22,6 +22,7 @@ if f[1] == 'pending' then
   redis.call('ZREM', prefix .. 'pending:' .. f[2], id)
   redis.call('HINCRBY', KEYS[1], f[2], -tonumber(f[3] or '0'))
   bb_terminal(prefix, id, f[2], f[4], f[5], 'cancelled', ARGV[4], ttl, true)
+  bb_flush(prefix)
   return {'cancelled'}
 end
 redis.call('HSETNX', req, 'cx', ARGV[4])

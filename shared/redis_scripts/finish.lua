@@ -28,4 +28,5 @@ for i = 4, #ARGV, 3 do
     out[1] = out[1] + 1
   end
 end
+bb_flush(prefix)
 return out

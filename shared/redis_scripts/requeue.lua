@@ -32,4 +32,5 @@ for i = 5, #ARGV do
     end
   end
 end
+bb_flush(prefix)
 return out

@@ -39,4 +39,5 @@ for i = 4, #ARGV, 5 do
     finished[#finished + 1] = id
   end
 end
+bb_flush(prefix)
 return finished

@@ -33,4 +33,5 @@ if buf then
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], batch)
+bb_flush(prefix)
 return returned

@@ -1,0 +1,1 @@
+"""batchbridge benchmarks: ``python -m bench`` (see bench/README.md)."""

@@ -1,0 +1,1 @@
+"""The benchmark cases; each module has ``run(bench) -> CaseResult``."""

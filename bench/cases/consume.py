@@ -1,0 +1,142 @@
+"""Consume: results off a callback queue with ``get_many``/``ack_many`` against raw
+``XREADGROUP COUNT 500`` + ``XACK`` + ``XDEL`` of the same entries (target: >= 0.5x); the
+one-at-a-time ``get``/``ack`` for reference.
+
+Each round fills two streams with the same results (what the collector appends: one ``result``
+field of Result JSON, a ~0.5 KB completion), drains one with each side, which side goes first
+alternating. The median of the per-round ratios is judged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis import Redis
+
+from bench._common import median, quartiles
+from bench.harness import Bench
+from bench.report import CaseResult
+from producer import CallbackQueue
+from shared.redis_layout import CALLBACK_GROUP, Keys
+from shared.schemas import Result
+
+QUEUE = "bench"
+CHUNK = 500
+TARGET = 0.5
+COMPLETION: dict[str, Any] = {
+    "id": "chatcmpl-bench",
+    "object": "chat.completion",
+    "model": "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+    "choices": [
+        {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {
+                "role": "assistant",
+                "content": '{"sentiment": "neutral", "topics": ["quality", "packaging"], '
+                '"reply": "Thank you for your review; we are sorry the lid sticks. Please '
+                'write to support@northwind.example and we will help."}',
+            },
+        }
+    ],
+    "usage": {"prompt_tokens": 212, "completion_tokens": 48, "total_tokens": 260},
+}
+
+
+def fill(client: Redis, key: str, n: int) -> None:
+    """Append ``n`` results to the stream, as the collector does."""
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        result = Result(request_id=f"{i:032x}", status="completed", response=COMPLETION)
+        pipe.xadd(key, {"result": result.to_json()})
+        if len(pipe) >= 1000:
+            pipe.execute()
+    pipe.execute()
+
+
+def timed(fn: Callable[[], int]) -> tuple[float, int]:
+    """Seconds ``fn`` took, and how many results it consumed."""
+    start = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - start, n
+
+
+def run(bench: Bench) -> CaseResult:
+    """Alternate the two sides over the rounds; then one-at-a-time once, on a tenth."""
+    result = CaseResult("consume")
+    n, rounds = bench.size(50_000, 2_000), bench.size(7, 1)
+    client = bench.client()
+    settings = bench.settings(bench.data_dir("consume"))
+    key = Keys(settings.key_prefix).callback(QUEUE)
+    raw_key = Keys(settings.key_prefix).callback("raw")  # the same entries, read raw
+    queue = CallbackQueue(QUEUE, settings=settings)
+    try:
+        queue.get_many(1, timeout=0)  # the group exists, the script is loaded
+        client.xgroup_create(raw_key, CALLBACK_GROUP, id="$", mkstream=True)
+
+        def ours() -> int:
+            count = 0
+            while chunk := queue.get_many(CHUNK, timeout=0):
+                count += queue.ack_many(chunk)
+            return count
+
+        def raw() -> int:
+            count = 0
+            while True:
+                reply = client.xreadgroup(CALLBACK_GROUP, "c", {raw_key: ">"}, count=CHUNK)
+                if not reply or not reply[0][1]:
+                    return count
+                ids = [entry_id for entry_id, _fields in reply[0][1]]
+                pipe = client.pipeline(transaction=True)
+                pipe.xack(raw_key, CALLBACK_GROUP, *ids)
+                pipe.xdel(raw_key, *ids)
+                acked, _ = pipe.execute()
+                count += int(acked)
+
+        def one_at_a_time() -> int:
+            count = 0
+            while (delivery := queue.get(timeout=0)) is not None:
+                delivery.ack()
+                count += 1
+            return count
+
+        ratios: list[float] = []
+        rates: dict[str, list[float]] = {"ours": [], "raw": []}
+        for round_ in range(rounds):
+            sides = [("ours", ours), ("raw", raw)]
+            if round_ % 2:
+                sides.reverse()
+            seconds: dict[str, float] = {}
+            for name, fn in sides:
+                fill(client, raw_key if name == "raw" else key, n)
+                took, count = timed(fn)
+                # A side that skipped entries would look fast.
+                if count != n:
+                    raise AssertionError(f"{name} consumed {count} of {n} results")
+                seconds[name] = took
+                rates[name].append(n / took)
+            ratios.append(seconds["raw"] / seconds["ours"])
+        fill(client, key, n // 10)
+        took, count = timed(one_at_a_time)
+        if count != n // 10:
+            raise AssertionError(f"get+ack consumed {count} of {n // 10} results")
+        single = count / took
+    finally:
+        queue.close()
+        client.close()
+    ratio = median(ratios)
+    q1, q3 = quartiles(ratios) if len(ratios) > 1 else (ratio, ratio)
+    result.measure(
+        f"get_many({CHUNK}) + ack_many, {n:,} results",
+        median(rates["ours"]),
+        "results/s",
+        baseline=f"XREADGROUP COUNT {CHUNK} + XACK + XDEL",
+        baseline_value=median(rates["raw"]),
+        detail=f"ratio IQR {q1:.2f}-{q3:.2f} over {len(ratios)} rounds",
+    )
+    result.measure("get + ack, one at a time", single, "results/s", detail=f"{n // 10:,} results")
+    result.target("get_many + ack_many vs raw XREADGROUP + XACK", ratio, TARGET, "min", "x")
+    result.data = {"ratios": ratios, "rates": rates, "single_rate": single}
+    return result

@@ -1,0 +1,98 @@
+"""End to end: 100,000 requests from 4 producer processes until a consumer has acked each.
+
+One Celery worker (two pool processes and beat) runs the whole pipeline against the local
+provider's echo engine, whose jobs complete as soon as they have run. Targets, in the same run:
+>= 0.2x pipelined ``RPUSH`` of the same payload (the rate Redis accepts the bytes at all), and
+>= 20x celery-batches' enqueue + pack to JSONL (the usual Celery buffering, which stops long
+before a result comes back). Latency is reported as overhead beyond the flush wait: from the
+later of submit and the batch being packed, until the consumer acked the result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from bench._common import body_bytes, sized_request
+from bench.cases.pipeline import Pipeline, run_pipeline
+from bench.harness import Bench
+from bench.report import CaseResult
+
+SIZE = 400
+
+
+def rpush_rate(bench: Bench, n: int) -> float:
+    """The baseline: pipelined RPUSH of the same body, 1,000 per round trip."""
+    payload = body_bytes(sized_request(SIZE))
+    bench.flush()
+    with bench.client() as client:
+        started = time.perf_counter()
+        for _ in range(n // 1000):
+            pipe = client.pipeline(transaction=False)
+            for _ in range(1000):
+                pipe.rpush("bench:rpush", payload)
+            pipe.execute()
+        seconds = time.perf_counter() - started
+        if client.llen("bench:rpush") != n // 1000 * 1000:
+            raise AssertionError("the RPUSH baseline lost writes")
+    bench.flush()
+    return n / seconds
+
+
+def run(bench: Bench) -> CaseResult:
+    """The pipeline, then both baselines on the same workload."""
+    from bench.cases import celery_baselines
+
+    result = CaseResult("end_to_end")
+    n = bench.size(100_000, 4_000)
+    shape = Pipeline(n, producers=4, size=SIZE)
+    ours = run_pipeline(bench, shape, "end-to-end")
+    rpush = rpush_rate(bench, n)
+    bench.flush()
+    batched = celery_baselines.celery_batches_rate(
+        bench.redis_url, n, sized_request(SIZE), bench.data_dir("e2e-celery-batches")
+    )
+    label = f"{n:,} x {SIZE / 1000:.1f} KB, 4 producers, submit to ack"
+    result.measure(
+        label,
+        ours["rate"],
+        "req/s",
+        baseline="pipelined RPUSH x1000",
+        baseline_value=rpush,
+        detail=f"{ours['seconds']:.1f} s; submitting took {ours['submit_seconds']:.1f} s; "
+        f"{ours['batches']} batches; worker CPU {ours['worker_cpu_s'] / n * 1e6:.0f} us/req, "
+        f"Redis CPU {ours['redis_cpu_s'] / n * 1e6:.0f} us/req",
+    )
+    result.measure(
+        f"{label}, vs celery-batches",
+        ours["rate"],
+        "req/s",
+        baseline="celery-batches enqueue + pack (one worker)",
+        baseline_value=batched["rate"],
+        detail=f"celery-batches took {batched['seconds']:.1f} s and returns no results",
+    )
+    for stat in ("overhead_p50", "overhead_p99", "latency_p50", "latency_p99"):
+        kind, pct = stat.split("_")
+        name = "overhead beyond the flush wait" if kind == "overhead" else "submit to ack"
+        result.measure(f"latency {pct}: {name}", ours[stat], "s", better="lower")
+    cpus = os.cpu_count() or 1
+    spent = {k: ours[f"{k}_cpu_s"] / n * 1e6 for k in ("worker", "redis", "producer", "consumer")}
+    total = sum(spent.values())
+    result.measure(
+        "CPU per request, every process of the run",
+        total,
+        "us",
+        better="lower",
+        detail=", ".join(f"{k} {v:.0f}" for k, v in spent.items())
+        + f"; {cpus} cores allow at most {cpus / total * 1e6:,.0f} req/s at this cost",
+    )
+    result.notes.append(
+        f"0.2x pipelined RPUSH is {0.2 * rpush:,.0f} req/s: {cpus} cores would have to carry a "
+        f"request through every step (submit, claim, pack, upload, the provider's echo run, "
+        f"poll, download, fan-out, consume, ack) in {cpus / (0.2 * rpush) * 1e6:.0f} us of CPU "
+        f"in all; the run spent {total:.0f} us."
+    )
+    result.target("end to end vs pipelined RPUSH", ours["rate"] / rpush, 0.2, "min", "x")
+    result.target("end to end vs celery-batches", ours["rate"] / batched["rate"], 20, "min", "x")
+    result.data = {"ours": ours, "rpush_rate": rpush, "celery_batches": batched}
+    return result

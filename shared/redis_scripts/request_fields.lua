@@ -1,0 +1,30 @@
+-- Read the same fields of many requests' hashes in one round trip.
+--
+-- KEYS     none (reads keys built here: {p}:req:{id})
+-- ARGV[1]  key prefix ("{p}:")     ARGV[2] n, the number of fields
+-- ARGV[3]  byte budget: stop after the request whose values bring the reply past it (0: none)
+-- ARGV[4 .. 3+n]  the field names
+-- ARGV[4+n ..]    request ids
+-- Returns, per id read (in order), its n field values (false where absent), in one flat list.
+-- With a budget, that may be only the first ids (always at least one): the caller asks again
+-- for the rest, so a reply of large metadata stays within the budget.
+--
+-- One script instead of a pipelined HMGET per request: 50,000 requests cost the client one
+-- command to encode and one flat reply to parse per call instead of 50,000 of each, which
+-- measured 2-3x less client time for the collector and the pre-create ownership check.
+local prefix, n, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local fields = {}
+for j = 1, n do
+  fields[j] = ARGV[3 + j]
+end
+local out, size = {}, 0
+for i = 4 + n, #ARGV do
+  local values = redis.call('HMGET', prefix .. 'req:' .. ARGV[i], unpack(fields))
+  for j = 1, n do
+    local v = values[j]
+    out[#out + 1] = v
+    if v then size = size + #v end
+  end
+  if budget > 0 and size >= budget then break end
+end
+return out
