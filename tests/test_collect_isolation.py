@@ -16,7 +16,7 @@ from shared.models import Batch, Request
 from shared.providers.local import LocalProvider
 from tests.conftest import run_local_jobs
 from tests.conftest import submit_requests as submit
-from worker import collection
+from worker import collection, result_buckets
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
 from worker.lifecycle import submit_ready_batches
@@ -164,8 +164,9 @@ def test_odd_usage_is_delivered_as_sent_and_recorded_within_the_columns(
 def test_a_success_line_wins_over_an_error_line_whatever_the_order(
     ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given requests with several lines each, spread over both files and over many chunks
+    # Given requests with several lines each, spread over both files, many chunks and buckets
     monkeypatch.setattr(collection, "_CHUNK", 2)
+    monkeypatch.setattr(result_buckets, "BUCKET_LINES", 3)
     ids = submit(ctx)
     out, err = run_to_results(ctx)
     lines = output_lines(out)
@@ -211,6 +212,42 @@ def test_a_success_line_wins_over_an_error_line_whatever_the_order(
     with ctx.session() as session:
         (batch,) = session.exec(select(Batch))
     assert (batch.completed_count, batch.failed_count) == (9, 1)
+
+
+def test_results_are_applied_in_the_order_of_the_batch_file_not_the_providers(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a provider that wrote the output in reverse order, and buckets of 3 lines
+    monkeypatch.setattr(result_buckets, "BUCKET_LINES", 3)
+    ids = submit(ctx)
+    out, _ = run_to_results(ctx)
+    lines = output_lines(out)
+    write_lines(out, [lines[i] for i in reversed(ids)])
+    recorded: list[list[str]] = []
+    record = collection.finish_requests
+
+    def spy(session: Any, batch_id: str, rows: Any) -> None:
+        recorded.append([r["id"] for r in rows])
+        record(session, batch_id, rows)
+
+    monkeypatch.setattr(collection, "finish_requests", spy)
+
+    # When the batch is collected
+    assert len(collect(ctx)) == 1
+
+    # Then the rows are recorded a bucket of neighbouring lines at a time, in file order
+    # (SQLite rewrites a page per row when rows grow in random order), each result once
+    with ctx.session() as session:
+        line_of = dict(session.exec(select(Request.id, Request.line)).all())
+    assert [sorted(line_of[i] // 3 for i in call) for call in recorded] == [
+        [0, 0, 0],
+        [1, 1, 1],
+        [2, 2, 2],
+        [3],
+    ]
+    assert {request_id: len(raw) for request_id, raw in stream(ctx).items()} == dict.fromkeys(
+        ids, 1
+    )
 
 
 def test_a_result_that_cannot_be_encoded_fails_only_its_request(ctx: WorkerContext) -> None:

@@ -44,6 +44,7 @@ from worker.cancellation import (
 from worker.context import WorkerContext
 from worker.gc_pause import gc_paused
 from worker.provider_files import delete_provider_files
+from worker.result_buckets import LineBuckets
 from worker.result_lines import (
     REQUEUED_CODE,
     RETRYABLE_CODES,
@@ -117,14 +118,18 @@ def _collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
         if batch is None or batch.state not in (BatchState.COLLECTING, BatchState.FAILED):
             return False
         rows = session.exec(
-            select(Request.id, Request.attempts).where(Request.batch_id == batch_id)
+            select(Request.id, Request.attempts, Request.line).where(Request.batch_id == batch_id)
         )
-        attempts = {request_id: n for request_id, n in rows}
+        attempts: dict[str, int] = {}
+        lines: dict[str, int | None] = {}
+        for request_id, n, line in rows:
+            attempts[request_id], lines[request_id] = n, line
     # Each attempt downloads into a directory of its own, so two collectors (a lease lost
     # mid-collection) never read each other's half-written files.
     workdir = ctx.results_dir / batch_id / uuid.uuid4().hex
     workdir.mkdir(parents=True)
     problems = LineProblems(batch_id)
+    buckets = LineBuckets(workdir, lines, problems)
     try:
         fan_out = _FanOut(ctx, batch, attempts, problems)
         for file_id, name in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
@@ -139,13 +144,19 @@ def _collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
                 _file_gone_for_good(ctx, batch, name, file_id, exc)
                 continue
             ctx.crash_point("after_download")
+            buckets.add_file(path)
+            path.unlink()
+        # A bucket holds every line of its requests, so each is decided bucket by bucket.
+        for path in buckets.paths():
             for offset, outcome in read_result_lines(path, problems):
                 fan_out.add(outcome, (path, offset))
-        fan_out.add_held_back_failures()
+            fan_out.add_held_back_failures()
+            fan_out.flush()
         for request_id in attempts.keys() - fan_out.seen:
             fan_out.add(_missing_outcome(request_id, batch))
         fan_out.flush()
     finally:
+        buckets.close()
         shutil.rmtree(workdir, ignore_errors=True)
         with contextlib.suppress(OSError):  # another attempt may still be using it
             workdir.parent.rmdir()

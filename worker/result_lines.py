@@ -112,7 +112,15 @@ def reread_result_lines(
 
 
 def _outcome_of(raw: bytes, where: str, problems: LineProblems) -> LineOutcome | None:
-    if not raw.strip():
+    line = parsed_line(raw, where, problems)
+    if line is None:
+        return None
+    return parse_result_line(line["custom_id"], line, size=len(raw))
+
+
+def parsed_line(raw: bytes, where: str, problems: LineProblems) -> dict[str, Any] | None:
+    """One raw line as a JSON object with a custom_id, or None (counted in ``problems``)."""
+    if not raw or raw.isspace():
         return None
     try:
         line = orjson.loads(raw)
@@ -126,7 +134,7 @@ def _outcome_of(raw: bytes, where: str, problems: LineProblems) -> LineOutcome |
     if not isinstance(custom_id, str) or not custom_id:
         problems.note("no custom_id", where)
         return None
-    return parse_result_line(custom_id, line, size=len(raw))
+    return line
 
 
 def _why_not_json(raw: bytes) -> str:
