@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import ResponseError
 
+from shared.gc_pause import gc_paused
 from shared.redis_layout import CALLBACK_GROUP, Keys, text
 from shared.schemas import Result
 from shared.settings import Settings
@@ -175,18 +176,22 @@ class Reader:
                 text(request_id) or "?",
                 delivered,
             )
-        taken = [
-            self._taken(entry_id, _pairs(flat), int(deliveries))
-            for entry_id, deliveries, flat in zip(idle[::3], idle[1::3], idle[2::3], strict=True)
-        ]
-        taken += [self._taken(entry_id, _pairs(flat), 1) for entry_id, flat in new]
+        with gc_paused():
+            taken = [
+                self._taken(entry_id, _pairs(flat), int(deliveries))
+                for entry_id, deliveries, flat in zip(
+                    idle[::3], idle[1::3], idle[2::3], strict=True
+                )
+            ]
+            taken += [self._taken(entry_id, _pairs(flat), 1) for entry_id, flat in new]
         return [t for t in taken if t is not None]
 
     def read_new(self, reply: Any) -> list[Taken]:
         """The results a blocking XREADGROUP reply hands out."""
         if not reply:
             return []
-        taken = [self._taken(entry_id, fields, 1) for entry_id, fields in reply[0][1]]
+        with gc_paused():
+            taken = [self._taken(entry_id, fields, 1) for entry_id, fields in reply[0][1]]
         return [t for t in taken if t is not None]
 
     def wait_ms(self, deadline: float | None) -> int | None:

@@ -27,6 +27,7 @@ from sqlalchemy import func, or_
 from sqlmodel import select
 
 from shared.db import finish_requests, transition, update_batch
+from shared.gc_pause import gc_paused
 from shared.models import Batch, BatchState, Request, RequestState
 from shared.providers.base import ProviderError
 from shared.redis_layout import request_fields_within
@@ -42,7 +43,6 @@ from worker.cancellation import (
     requeue_or_cancel,
 )
 from worker.context import WorkerContext
-from worker.gc_pause import gc_paused
 from worker.provider_files import delete_provider_files
 from worker.result_buckets import LineBuckets
 from worker.result_lines import (
