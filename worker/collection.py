@@ -18,6 +18,7 @@ import math
 import shutil
 import uuid
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,8 @@ def _collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
     workdir.mkdir(parents=True)
     problems = LineProblems(batch_id)
     buckets = LineBuckets(workdir, lines, problems)
+    fan_out = _FanOut(ctx, batch, attempts, problems)
     try:
-        fan_out = _FanOut(ctx, batch, attempts, problems)
         for file_id, name in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
             if not file_id:
                 continue
@@ -155,7 +156,9 @@ def _collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
         for request_id in attempts.keys() - fan_out.seen:
             fan_out.add(_missing_outcome(request_id, batch))
         fan_out.flush()
+        fan_out.wait_recorded()
     finally:
+        fan_out.close()
         buckets.close()
         shutil.rmtree(workdir, ignore_errors=True)
         with contextlib.suppress(OSError):  # another attempt may still be using it
@@ -254,6 +257,11 @@ class _FanOut:
         self._held_back: dict[str, tuple[Path, int]] = {}
         self._pending: list[LineOutcome] = []
         self._pending_bytes = 0
+        # Each chunk is recorded in SQL by a thread of its own while the next chunk is
+        # encoded and delivered (the database driver waits without holding the GIL): at most
+        # one chunk behind, and always after its own delivery.
+        self._recorder = ThreadPoolExecutor(1, thread_name_prefix="fanout-record")
+        self._recording: Future[None] | None = None
 
     def add(self, outcome: LineOutcome, source: tuple[Path, int] | None = None) -> None:
         """Take one outcome; one read from ``source`` (file, offset) may be held back."""
@@ -336,8 +344,27 @@ class _FanOut:
             )
             retry = [o for o in retry if o.request_id not in gone]
         ctx.crash_point("after_fanout_delivery")
+        self.wait_recorded()
+        self._recording = self._recorder.submit(self._record_chunk, final, retry, instead)
+
+    def wait_recorded(self) -> None:
+        """Until the chunk being recorded is (raising what recording it raised)."""
+        recording, self._recording = self._recording, None
+        if recording is not None:
+            recording.result()
+
+    def close(self) -> None:
+        """Stop the recording thread (after waiting for what it is doing)."""
+        self._recorder.shutdown(wait=True)
+
+    def _record_chunk(
+        self,
+        final: list[tuple[LineOutcome, bytes, object]],
+        retry: list[LineOutcome],
+        instead: dict[str, str],
+    ) -> None:
         self._record(final, retry, instead)
-        ctx.crash_point("after_fanout_chunk")
+        self.ctx.crash_point("after_fanout_chunk")
 
     def _cancelled(
         self, o: LineOutcome, meta: bytes | None, usage: object

@@ -25,6 +25,44 @@ BUCKET_LINES = 2000
 _NO_LINE = -1  # rows packed before line numbers were recorded: one bucket of their own
 
 
+_KEY = b'"custom_id"'
+
+
+def leading_custom_id(raw: bytes) -> str | None:
+    """The custom_id of a whole line that names it before any nested value; else None.
+
+    Providers put ``custom_id`` near the start of each line, so most lines are bucketed
+    without parsing a megabyte of response twice. The match is exact or nothing: a quote in
+    a JSON string is always escaped, so ``"custom_id"`` followed by a colon is a key, and with
+    no ``{`` or ``[`` before it that key is the line's own. The line is fully parsed when it
+    is applied, so a line that is not JSON after all is still counted as such then.
+    """
+    if not raw.startswith(b"{") or not raw.endswith(b"\n"):
+        return None
+    at = raw.find(_KEY)
+    if at < 0 or raw.find(b"{", 1, at) >= 0 or raw.find(b"[", 1, at) >= 0:
+        return None
+    i = _skip_blanks(raw, at + len(_KEY))
+    if raw[i : i + 1] != b":":
+        return None
+    i = _skip_blanks(raw, i + 1)
+    if raw[i : i + 1] != b'"':
+        return None
+    end = raw.find(b'"', i + 1)
+    if end < 0 or raw.find(b"\\", i + 1, end) >= 0:
+        return None
+    try:
+        return raw[i + 1 : end].decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _skip_blanks(raw: bytes, i: int) -> int:
+    while raw[i : i + 1] in (b" ", b"\t"):
+        i += 1
+    return i
+
+
 class LineBuckets:
     """Bucket files under ``folder``: lines of requests ``lines[id] // BUCKET_LINES``."""
 
@@ -38,10 +76,13 @@ class LineBuckets:
         """Copy each line of ``path`` into its bucket (unreadable lines are counted, skipped)."""
         with open(path, "rb") as lines:
             for number, raw in enumerate(lines, 1):
-                line = parsed_line(raw, f"{path.name} line {number}", self.problems)
-                if line is None:
-                    continue
-                request_id = line["custom_id"]
+                request_id = leading_custom_id(raw)
+                if request_id is None or request_id not in self.lines:
+                    # Not the usual shape: parse it all, which also says what is wrong with it.
+                    line = parsed_line(raw, f"{path.name} line {number}", self.problems)
+                    if line is None:
+                        continue
+                    request_id = line["custom_id"]
                 if request_id not in self.lines:
                     self.problems.note(
                         "custom_ids not in this batch", repr(request_id), logging.WARNING

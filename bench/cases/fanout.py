@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
+import os
 import pstats
 import sqlite3
 import threading
@@ -71,7 +72,12 @@ def run(bench: Bench) -> CaseResult:
     files = jobs["batches"][main_id]
     collected = run_child(
         "bench.cases.fanout:collect_child",
-        {"settings": overrides, "batch_id": main_id, "warm_batch_id": packed["warm_batch_id"]},
+        {
+            "settings": overrides,
+            "batch_id": main_id,
+            "warm_batch_id": packed["warm_batch_id"],
+            "profile": bool(os.environ.get("BATCHBRIDGE_BENCH_PROFILE")),
+        },
     )
     counts = verify_streams(bench, overrides, QUEUES, ids)
     check_batch(data_dir, main_id, completed=counts["completed"], failed=counts["failed"])

@@ -40,7 +40,7 @@ class Pipeline:
     size: int = 400
     max_batch: int = 10_000
     max_wait: float = 1.0
-    timeout: float = 300.0
+    timeout: float = 180.0
 
 
 def settings_overrides(bench: Bench, data_dir: Path, shape: Pipeline) -> dict[str, Any]:
@@ -116,8 +116,8 @@ def produce(config: dict[str, Any]) -> dict[str, Any]:
     with Producer(settings=Settings.load(**config["settings"])) as producer:
         producer.redis.ping()
         time.sleep(max(0.0, config["start_at"] - time.time()))
-        for _ in range(config["count"] // CHUNK):
-            handles = producer.submit_many([request] * CHUNK)
+        for start in range(0, config["count"], CHUNK):
+            handles = producer.submit_many([request] * min(CHUNK, config["count"] - start))
             now = time.time()
             ids.extend(h.id for h in handles)
             times.append(now)

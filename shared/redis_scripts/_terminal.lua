@@ -51,9 +51,10 @@ end
 local BB_LATENCY_BUCKETS = {1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400,
                             28800, 86400}
 
-local function bb_count_outcome(req, outcome)
+local function bb_count_outcome(req, outcome, enq)
   bb_count('requests:' .. outcome, 1)
-  local enq = tonumber(redis.call('HGET', req, 'enq'))
+  if enq == nil then enq = redis.call('HGET', req, 'enq') end
+  enq = tonumber(enq)
   if not enq then return end  -- a hash rebuilt from the record: its submit time is unknown
   local ms = math.floor(math.max(tonumber(bb_now_ms()) - enq, 0))
   local le = '+Inf'
@@ -67,9 +68,10 @@ local function bb_count_outcome(req, outcome)
   bb_count('lat_ms:' .. outcome, ms)
 end
 
-local function bb_terminal(prefix, id, buf, cbq, wh, outcome, result, ttl, unrecorded)
+-- enq: the request's enqueue time when the caller already read it (nil: read here).
+local function bb_terminal(prefix, id, buf, cbq, wh, outcome, result, ttl, unrecorded, enq)
   local req = prefix .. 'req:' .. id
-  bb_count_outcome(req, outcome)
+  bb_count_outcome(req, outcome, enq)
   redis.call('HSET', req, 'state', 'done', 'outcome', outcome, 'result', result)
   if buf and buf ~= '' then redis.call('HDEL', prefix .. 'bodies:' .. buf, id) end
   redis.call('EXPIRE', req, ttl)

@@ -16,7 +16,7 @@ local out = {0}
 for i = 4, #ARGV, 3 do
   local id = ARGV[i]
   local req = prefix .. 'req:' .. id
-  local f = redis.call('HMGET', req, 'state', 'batch', 'cbq', 'buf', 'wh', 'cx')
+  local f = redis.call('HMGET', req, 'state', 'batch', 'cbq', 'buf', 'wh', 'cx', 'enq')
   if f[1] == 'batched' and f[2] == batch then
     local outcome, result = ARGV[i + 1], ARGV[i + 2]
     if f[6] and outcome ~= 'cancelled' then
@@ -24,7 +24,7 @@ for i = 4, #ARGV, 3 do
       out[#out + 1] = id
       out[#out + 1] = result
     end
-    bb_terminal(prefix, id, f[4], f[3], f[5], outcome, result, ttl, false)
+    bb_terminal(prefix, id, f[4], f[3], f[5], outcome, result, ttl, false, f[7] or false)
     out[1] = out[1] + 1
   end
 end
