@@ -53,12 +53,12 @@ soak: install-dev
 	BATCHBRIDGE_TEST_LEDGER_DIR=$(LEDGERS) $(BIN)/python -m pytest -q -s -m soak tests/reliability; \
 	status=$$?; $(BIN)/python -m tests.reliability.results $(LEDGERS) "make soak"; exit $$status
 
-# Every benchmark case on one Redis, against its baseline in the same run (~10 min): writes
+# Every benchmark case on one Redis, against its baseline in the same run (~4 min): writes
 # bench/results/latest.md and latest.json, and fails when a target is missed.
 bench: install-dev
 	$(BIN)/python -m bench
 
-# Every case at a small size (~3 min): proves the benchmarks run; says nothing about targets.
+# Every case at a small size (~1.5 min): proves the benchmarks run; says nothing about targets.
 bench-smoke: install-dev
 	$(BIN)/python -m bench --smoke
 

@@ -50,7 +50,10 @@ def run(bench: Bench) -> CaseResult:
     rpush = rpush_rate(bench, n)
     bench.flush()
     batched = celery_baselines.celery_batches_rate(
-        bench.redis_url, n, sized_request(SIZE), bench.data_dir("e2e-celery-batches")
+        bench.redis_url,
+        n,
+        [sized_request(SIZE, i) for i in range(1000)],
+        bench.data_dir("e2e-celery-batches"),
     )
     label = f"{n:,} x {SIZE / 1000:.1f} KB, 4 producers, submit to ack"
     result.measure(

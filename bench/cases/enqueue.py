@@ -97,31 +97,32 @@ def alternate(pair: Pair, client: Redis, pending_key: str, rounds: int) -> None:
 
 def pairs(client: Redis, producer: Producer, size: int, loop_ops: int, chunks: int) -> list[Pair]:
     """The loop pair and the pipelined pair for one body size."""
-    request = sized_request(size)
-    payload = body_bytes(request)
-    model, messages = request["model"], request["messages"]
-    max_tokens = request["max_tokens"]
+    # Distinct requests of one size, as a service sends them; the baseline pushes exactly
+    # their bodies, encoded beforehand (RPUSH is given bytes, the producer encodes them).
+    requests = [sized_request(size, n) for n in range(CHUNK)]
+    payloads = [body_bytes(r) for r in requests]
+    calls = [(r["model"], r["messages"], r["max_tokens"]) for r in requests]
     submit, submit_many, rpush = producer.submit, producer.submit_many, client.rpush
-    batch = [request] * CHUNK
 
     def rpush_loop() -> None:
-        for _ in range(loop_ops):
-            rpush(BASELINE_KEY, payload)
+        for i in range(loop_ops):
+            rpush(BASELINE_KEY, payloads[i % CHUNK])
 
     def submit_loop() -> None:
-        for _ in range(loop_ops):
+        for i in range(loop_ops):
+            model, messages, max_tokens = calls[i % CHUNK]
             submit(model, messages, max_tokens=max_tokens)
 
     def rpush_pipelined() -> None:
         for _ in range(chunks):
             pipe = client.pipeline(transaction=False)
-            for _ in range(CHUNK):
+            for payload in payloads:
                 pipe.rpush(BASELINE_KEY, payload)
             pipe.execute()
 
     def submit_chunks() -> None:
         for _ in range(chunks):
-            submit_many(batch)
+            submit_many(requests)
 
     kb = f"{size / 1000:.1f} KB"
     return [
@@ -140,12 +141,13 @@ def pairs(client: Redis, producer: Producer, size: int, loop_ops: int, chunks: i
 
 def check_same_payload(client: Redis, producer: Producer, size: int) -> None:
     """The comparison is only fair if the producer stores exactly the baseline's bytes."""
-    request = sized_request(size)
-    handle = producer.submit_many([request])[0]
-    buf = buffer_name(DEFAULT_PROVIDER, request["model"])
-    stored = client.hget(producer.keys.bodies(buf), handle.id)
-    if stored != body_bytes(request):
-        raise RuntimeError(f"producer stored {stored!r:.80}, baseline pushes the request body")
+    requests = [sized_request(size, n) for n in (0, CHUNK - 1)]
+    handles = producer.submit_many(requests)
+    buf = buffer_name(DEFAULT_PROVIDER, requests[0]["model"])
+    for request, handle in zip(requests, handles, strict=True):
+        stored = client.hget(producer.keys.bodies(buf), handle.id)
+        if stored != body_bytes(request):
+            raise RuntimeError(f"producer stored {stored!r:.80}, the baseline pushes the body")
     client.flushdb()
 
 
@@ -196,14 +198,14 @@ def celery_references(bench: Bench, result: CaseResult, producer: Producer) -> N
     from bench.cases import celery_baselines
 
     n = bench.size(20_000, 2_000)
-    request = sized_request(SIZES[0])
+    requests = [sized_request(SIZES[0], i) for i in range(CHUNK)]
     bench.flush()
     started = time.perf_counter()
     for _ in range(0, n, CHUNK):
-        producer.submit_many([request] * CHUNK)
+        producer.submit_many(requests)
     ours = n / (time.perf_counter() - started)
     bench.flush()
-    sent = celery_baselines.send_task_rate(bench.redis_url, body_bytes(request), n)
+    sent = celery_baselines.send_task_rate(bench.redis_url, requests, n)
     result.measure(
         "submit_many vs one Celery send_task per request, 0.4 KB",
         ours,
@@ -214,7 +216,7 @@ def celery_references(bench: Bench, result: CaseResult, producer: Producer) -> N
     )
     bench.flush()
     batched = celery_baselines.celery_batches_rate(
-        bench.redis_url, n, request, bench.data_dir("celery-batches")
+        bench.redis_url, n, requests, bench.data_dir("celery-batches")
     )
     result.measure(
         "celery-batches: enqueue + pack to JSONL, 0.4 KB",

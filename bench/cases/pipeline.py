@@ -110,14 +110,18 @@ def produce(config: dict[str, Any]) -> dict[str, Any]:
     from producer import Producer
     from shared.settings import Settings
 
-    request = sized_request(config["size"], config["index"])
-    request["callback_queue"] = QUEUE
+    # Distinct requests, as services send them (built before the clock starts).
+    first = config["index"] * CHUNK
+    requests = [
+        {**sized_request(config["size"], n), "callback_queue": QUEUE}
+        for n in range(first, first + CHUNK)
+    ]
     ids, times = [], []
     with Producer(settings=Settings.load(**config["settings"])) as producer:
         producer.redis.ping()
         time.sleep(max(0.0, config["start_at"] - time.time()))
         for start in range(0, config["count"], CHUNK):
-            handles = producer.submit_many([request] * min(CHUNK, config["count"] - start))
+            handles = producer.submit_many(requests[: config["count"] - start])
             now = time.time()
             ids.extend(h.id for h in handles)
             times.append(now)

@@ -39,4 +39,16 @@ def run(bench: Bench) -> CaseResult:
             f"{r['redis_cpu_s'] / n * 1e6:.0f} us/req, overhead p50 {r['overhead_p50']:.2f} s",
         )
         result.data[f"batch_{size}"] = r
+    small, large = sizes[0], sizes[-1]
+    cpu = {k: result.data[f"batch_{k}"]["worker_cpu_s"] / n for k in (small, large)}
+    # cost per request = fixed per batch / batch size + per request: two sizes give both
+    fixed = (cpu[small] - cpu[large]) / (1 / small - 1 / large)
+    per_request = cpu[large] - fixed / large
+    result.notes.append(
+        f"worker CPU per request is about {per_request * 1e6:.0f} us plus {fixed * 1e3:.0f} ms "
+        "per batch (its tasks, polls, file handling and SQL round trips), so the curve bends "
+        f"where a batch's fixed share falls below a tenth of the rest: past about "
+        f"{fixed / (per_request * 0.1):,.0f} requests per batch. More worker processes add "
+        "little on this machine: every process of the run shares its 2 cores."
+    )
     return result
