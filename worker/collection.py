@@ -109,11 +109,6 @@ def collect_ready_batches(ctx: WorkerContext) -> list[str]:
 
 def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
     """Fan out one batch's results; True once the batch is FINISHED."""
-    with gc_paused():
-        return _collect_batch(ctx, batch_id)
-
-
-def _collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
     with ctx.session() as session:
         batch = session.get(Batch, batch_id)
         if batch is None or batch.state not in (BatchState.COLLECTING, BatchState.FAILED):
@@ -145,18 +140,22 @@ def _collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
                 _file_gone_for_good(ctx, batch, name, file_id, exc)
                 continue
             ctx.crash_point("after_download")
-            buckets.add_file(path)
+            with gc_paused():
+                buckets.add_file(path)
             path.unlink()
-        # A bucket holds every line of its requests, so each is decided bucket by bucket.
-        for path in buckets.paths():
-            for offset, outcome in read_result_lines(path, problems):
-                fan_out.add(outcome, (path, offset))
-            fan_out.add_held_back_failures()
+        # Parsing and applying, not the downloads above: the collector is paused only while
+        # results are built. A bucket holds every line of its requests, so each is decided
+        # bucket by bucket.
+        with gc_paused():
+            for path in buckets.paths():
+                for offset, outcome in read_result_lines(path, problems):
+                    fan_out.add(outcome, (path, offset))
+                fan_out.add_held_back_failures()
+                fan_out.flush()
+            for request_id in attempts.keys() - fan_out.seen:
+                fan_out.add(_missing_outcome(request_id, batch))
             fan_out.flush()
-        for request_id in attempts.keys() - fan_out.seen:
-            fan_out.add(_missing_outcome(request_id, batch))
-        fan_out.flush()
-        fan_out.wait_recorded()
+            fan_out.wait_recorded()
     finally:
         fan_out.close()
         buckets.close()
@@ -240,7 +239,8 @@ class _FanOut:
     """Buffers outcomes and applies them in chunks: Redis (the delivery) first, then SQL.
 
     A request's first success line is applied as soon as it is read. Its failure lines are
-    held back (as file offsets, not in memory) until every line has been read, because a
+    held back (as file offsets, not in memory) until every line of its bucket has been read
+    (``worker.result_buckets``: a request's lines share one bucket), because a
     success line further on, even in the other file, must win; the first of them is then
     applied only if no success came.
     """

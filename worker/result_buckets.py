@@ -2,9 +2,10 @@
 
 Providers write output in their own order (Together's is not the input's), so applying lines
 as they come updates request rows at random places in the record. Each outcome makes its row
-grow by the whole result, and on SQLite random growth rewrites a page per row: measured on a
-50,000-line batch (this project's 2-core VM), 1.9 s of UPDATEs and commits in file order
-against 0.56 s when each chunk covers 2,000 neighbouring rows. So the collector first copies
+grow by the whole result, and on SQLite random growth rewrites a page per row: measured with
+SQLite alone on this project's 2-core VM, 50,000 UPDATEs writing ~1.2 KB results took 1.9 s in
+random order against 0.56 s in runs of 2,000 neighbouring rows (the whole fan-out went from
+5.4 s to 2.6 s with this module). So the collector first copies
 every line into the bucket of its request's line number (a pass of sequential writes), then
 applies bucket after bucket. Every line of a request lands in the same bucket, so "a success
 wins over an error" is still decided with all of a request's lines at hand.
@@ -23,8 +24,6 @@ from worker.result_lines import LineProblems, parsed_line
 # Neighbouring requests per bucket: one fan-out chunk (worker.collection._CHUNK).
 BUCKET_LINES = 2000
 _NO_LINE = -1  # rows packed before line numbers were recorded: one bucket of their own
-
-
 _KEY = b'"custom_id"'
 
 

@@ -6,7 +6,7 @@
 
 Both run on the bench Redis, in a database of their own (``broker_db``, 1 by default) so a
 FLUSHDB of the bench database cannot pull the broker's keys away mid-run; every key they create
-there is deleted afterwards. ``*_child`` take a JSON config, for :func:`bench.harness.run_child`.
+there is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -368,28 +368,3 @@ def celery_batches_rate(
         "flush_interval": flush_interval,
         "pool": pool,
     }
-
-
-def send_task_rate_child(config: dict[str, Any]) -> dict[str, Any]:
-    """:func:`send_task_rate` from a JSON config (``redis_url``, ``n``, ``payload_kb``)."""
-    return send_task_rate(
-        config["redis_url"],
-        config.get("request", config.get("payload_kb")),
-        int(config["n"]),
-        broker_db=config.get("broker_db", 1),
-    )
-
-
-def celery_batches_rate_child(config: dict[str, Any]) -> dict[str, Any]:
-    """:func:`celery_batches_rate` from a JSON config (``redis_url``, ``n``, ``workdir``...)."""
-    return celery_batches_rate(
-        config["redis_url"],
-        int(config["n"]),
-        config.get("request", config.get("payload_kb")),
-        Path(config["workdir"]),
-        flush_every=int(config.get("flush_every", 1000)),
-        flush_interval=float(config.get("flush_interval", 1.0)),
-        pool=config.get("pool", "solo"),
-        broker_db=config.get("broker_db", 1),
-        timeout=config.get("timeout"),
-    )

@@ -9,9 +9,9 @@
 -- With a budget, that may be only the first ids (always at least one): the caller asks again
 -- for the rest, so a reply of large metadata stays within the budget.
 --
--- One script instead of a pipelined HMGET per request: 50,000 requests cost the client one
--- command to encode and one flat reply to parse per call instead of 50,000 of each, which
--- measured 2-3x less client time for the collector and the pre-create ownership check.
+-- One script instead of a pipelined HMGET per request: the client encodes one command and
+-- parses one flat reply per call instead of one of each per request. The pre-create
+-- ownership check of a 50,000-request batch took 0.9 s instead of 2.2 s (profiled).
 local prefix, n, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local fields = {}
 for j = 1, n do
