@@ -46,7 +46,6 @@ def enqueue_args(keys: Keys, idempotency_ttl: int, prepared: list[PreparedReques
         args += (
             p.id,
             buffer_name(p.provider, p.model),
-            p.line_bytes,
             p.idempotency_key,
             p.body,
             p.callback_queue,

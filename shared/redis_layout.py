@@ -2,14 +2,17 @@
 
 Every key starts with the configured prefix (default ``bb``):
 
-``{p}:req:{id}``            hash    request: state, buf, enq (ms), seq, size, cbq, wh (webhook
-                                    URL), meta, batch, cx (set once cancelled while batched:
-                                    the cancelled Result to deliver) ...
+``{p}:req:{id}``            hash    request: state, buf (its buffer's number), enq (ms), cbq,
+                                    wh (webhook URL), meta, batch, cx (set once cancelled while
+                                    batched: the cancelled Result to deliver) ...
 ``{p}:bodies:{buf}``        hash    request id -> body JSON, until the request has an outcome
 ``{p}:idem:{key}``          string  idempotency key -> "{request id}/{request digest}" (expires)
-``{p}:pending:{buf}``       zset    the pending buffer of one (provider, model), by enqueue seq
-``{p}:seq``                 string  enqueue sequence counter (keeps buffers first-in first-out)
+``{p}:pending:{buf}``       list    the pending buffer of one (provider, model): request ids in
+                                    arrival order; ids of requests that left other than by
+                                    claim stay until a claim drops them (_buffers.lua)
 ``{p}:buffers``             hash    buf -> bytes waiting (lines + metadata); fields list buffers
+``{p}:npending``            hash    buf -> requests waiting
+``{p}:bufno``, ``{p}:bufname``  hash    buf -> its number, and back (numbers never change)
 ``{p}:claim:{batch}``       hash    an uncommitted claim: buf, count, bytes, at
 ``{p}:claim:{batch}:ids``   list    the request ids of that claim, in file order
 ``{p}:claims``              zset    batch ids of uncommitted claims, by claim time
@@ -82,9 +85,22 @@ _SCRIPT_NAMES = (
 )
 # Requests per request_fields call: one reply stays a few MB even for large metadata.
 _FIELDS_CHUNK = 2000
-# Scripts that give requests their terminal outcome share one Lua function for it.
-_TERMINAL_LIB = "_terminal"
-_USES_TERMINAL = frozenset({"finish", "requeue", "unclaim", "restore_done", "cancel"})
+# Lua libraries prepended to the scripts that use them: _buffers keeps pending buffers,
+# _terminal gives requests their terminal outcome.
+_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "_buffers": (
+        "enqueue",
+        "claim",
+        "unclaim",
+        "requeue",
+        "finish",
+        "restore_done",
+        "reclaim_batch",
+        "cancel",
+        "request_fields",
+    ),
+    "_terminal": ("finish", "requeue", "unclaim", "restore_done", "cancel"),
+}
 
 
 def buffer_name(provider: str, model: str) -> str:
@@ -122,8 +138,18 @@ class Keys:
         return f"{self.prefix}:idem:{key}"
 
     def pending(self, buf: str) -> str:
-        """Sorted set of request ids waiting in one buffer."""
+        """List of request ids waiting in one buffer, oldest first (may hold dropped ids)."""
         return f"{self.prefix}:pending:{buf}"
+
+    @property
+    def pending_counts(self) -> str:
+        """Hash of buffer name -> requests waiting."""
+        return f"{self.prefix}:npending"
+
+    @property
+    def buffer_names(self) -> str:
+        """Hash of buffer number (as request hashes store it) -> buffer name."""
+        return f"{self.prefix}:bufname"
 
     @property
     def buffers(self) -> str:
@@ -192,10 +218,12 @@ class Keys:
 def script_source(name: str) -> str:
     """The text of one Lua script from ``shared/redis_scripts`` (with the library it uses)."""
     folder = resources.files("shared") / "redis_scripts"
-    source = (folder / f"{name}.lua").read_text("utf-8")
-    if name in _USES_TERMINAL:
-        source = (folder / f"{_TERMINAL_LIB}.lua").read_text("utf-8") + "\n" + source
-    return source
+    parts = [
+        (folder / f"{lib}.lua").read_text("utf-8")
+        for lib, users in _LIBRARIES.items()
+        if name in users
+    ]
+    return "\n".join([*parts, (folder / f"{name}.lua").read_text("utf-8")])
 
 
 class Scripts:
@@ -243,6 +271,46 @@ def request_fields_within(
         rows = [tuple(flat[i : i + n]) for i in range(0, len(flat), n)]
         yield start, rows
         start += len(rows)
+
+
+def pending_ids(client: Redis, keys: Keys, buf: str) -> list[str]:
+    """The requests waiting in a buffer, oldest first: what claims would take, in their order."""
+    listed = [text(v) for v in client.lrange(keys.pending(buf), 0, -1)]
+    pipe = client.pipeline(transaction=False)
+    for request_id in listed:
+        pipe.hget(keys.request(request_id), "state")
+    seen: set[str] = set()
+    waiting = []
+    for request_id, state in zip(listed, pipe.execute(), strict=True):
+        # An id listed twice (sent round again) is claimed where it first appears.
+        if state == b"pending" and request_id not in seen:
+            waiting.append(request_id)
+        seen.add(request_id)
+    return waiting
+
+
+def pending_heads(client: Redis, keys: Keys, bufs: Sequence[str]) -> list[tuple[int, int | None]]:
+    """(requests waiting, enqueue time in ms of the oldest or None) of each buffer."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.pending_counts)
+    for buf in bufs:
+        pipe.lindex(keys.pending(buf), 0)
+    counts, *heads = pipe.execute()
+    # claim.lua takes the age from the head of the list, which is always a waiting request.
+    pipe = client.pipeline(transaction=False)
+    for head in heads:
+        pipe.hget(keys.request(text(head) if head else "-"), "enq")
+    enqueued = pipe.execute() if bufs else []
+    return [
+        (int(counts.get(buf.encode(), 0)), int(enq) if enq is not None else None)
+        for buf, enq in zip(bufs, enqueued, strict=True)
+    ]
+
+
+def buffer_name_of(client: Redis, keys: Keys, number: Any) -> str | None:
+    """The buffer a request hash's ``buf`` field (its buffer's number) stands for."""
+    name: Any = client.hget(keys.buffer_names, number) if number is not None else None
+    return text(name) if name is not None else None
 
 
 def server_time_ms(client: Any) -> int:

@@ -13,7 +13,7 @@ from sqlmodel import select
 from producer import Producer
 from shared.limits import MAX_CUSTOM_ID_CHARS
 from shared.models import Batch, BatchState, Request
-from shared.redis_layout import buffer_name
+from shared.redis_layout import buffer_name, pending_ids
 from shared.schemas import DEFAULT_PROVIDER
 from worker import packing
 from worker.context import WorkerContext
@@ -43,7 +43,7 @@ def test_nothing_is_packed_before_a_threshold_is_reached(worker_context: WorkerC
     ctx = with_settings(worker_context, max_batch_requests=10, max_wait_seconds=60)
     submit(ctx, 9)
     assert pack_due_buffers(ctx) == []
-    assert ctx.redis.zcard(ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a"))) == 9
+    assert len(pending_ids(ctx.redis, ctx.keys, buffer_name(DEFAULT_PROVIDER, "m-a"))) == 9
 
 
 def test_count_threshold_packs_full_batches_and_leaves_the_rest(
@@ -58,7 +58,7 @@ def test_count_threshold_packs_full_batches_and_leaves_the_rest(
 
     # Then two full batches are packed, oldest requests first, and 5 stay pending
     assert [(b.request_count, b.reason) for b in packed] == [(10, "count"), (10, "count")]
-    assert ctx.redis.zcard(ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a"))) == 5
+    assert len(pending_ids(ctx.redis, ctx.keys, buffer_name(DEFAULT_PROVIDER, "m-a"))) == 5
     lines = read_lines(packed[0].path) + read_lines(packed[1].path)
     assert sorted(line["custom_id"] for line in lines) == sorted(ids[:20])  # type: ignore[type-var]
     # and the buffer's byte count is exactly what the 5 remaining lines will take
@@ -102,8 +102,9 @@ def test_bytes_threshold_cuts_batches_under_the_byte_limit(
 def test_metadata_counts_toward_the_batch_byte_limit(worker_context: WorkerContext) -> None:
     # Given batches of at most 2,048 bytes and requests whose metadata outweighs their line
     ctx = with_settings(worker_context, max_batch_requests=1000, max_batch_bytes=2048)
-    ids = submit(ctx, 12, metadata={"pad": "x" * 400})
-    size = int(ctx.redis.hget(ctx.keys.request(ids[0]), "size"))  # type: ignore[arg-type]
+    submit(ctx, 12, metadata={"pad": "x" * 400})
+    # (identical requests, so each weighs a twelfth of the buffer)
+    size = int(ctx.redis.hget(ctx.keys.buffers, buffer_name(DEFAULT_PROVIDER, "m-a"))) // 12  # type: ignore[arg-type]
 
     # When the aggregator runs
     packed = pack_due_buffers(ctx)
@@ -162,8 +163,8 @@ def test_a_claim_abandoned_mid_pack_goes_back_to_the_buffer(
         patch.setattr(packing, "write_batch_file", crash)
         with pytest.raises(KeyboardInterrupt):
             pack_buffer(ctx, buffer_name(DEFAULT_PROVIDER, "m-a"))
-    pending = ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a"))
-    assert ctx.redis.zcard(pending) == 0 and ctx.redis.zcard(ctx.keys.claims) == 1
+    buf = buffer_name(DEFAULT_PROVIDER, "m-a")
+    assert pending_ids(ctx.redis, ctx.keys, buf) == [] and ctx.redis.zcard(ctx.keys.claims) == 1
 
     # When the reaper runs after the claim timeout
     time.sleep(0.15)
@@ -171,7 +172,7 @@ def test_a_claim_abandoned_mid_pack_goes_back_to_the_buffer(
 
     # Then every request is pending again, with its original age, and can be packed
     assert returned == 6
-    assert sorted(m.decode() for m in ctx.redis.zrange(pending, 0, -1)) == sorted(ids)
+    assert pending_ids(ctx.redis, ctx.keys, buf) == ids
     assert ctx.redis.zcard(ctx.keys.claims) == 0
     (batch,) = pack_due_buffers(ctx)
     assert batch.request_count == 6
@@ -198,7 +199,7 @@ def test_a_slow_packer_loses_to_the_reaper_without_duplicating_requests(
 
     # Then the packer's commit fails, its file is dropped, and the requests are pending once
     assert result is None
-    assert ctx.redis.zcard(ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a"))) == 3
+    assert len(pending_ids(ctx.redis, ctx.keys, buffer_name(DEFAULT_PROVIDER, "m-a"))) == 3
     assert list((ctx.batch_dir / "local").glob("*.jsonl")) == []
 
 
@@ -215,7 +216,7 @@ def test_reaper_only_drops_leftover_keys_of_a_committed_claim(
     )
     assert reap_abandoned_claims(ctx) == 0
     assert ctx.redis.zcard(ctx.keys.claims) == 0
-    assert ctx.redis.zcard(ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a"))) == 0
+    assert pending_ids(ctx.redis, ctx.keys, buffer_name(DEFAULT_PROVIDER, "m-a")) == []
     with ctx.session() as session:
         assert session.get(Batch, batch.id).state == BatchState.PACKED  # type: ignore[union-attr]
 
@@ -247,8 +248,8 @@ def test_a_reap_that_died_after_its_tombstone_is_finished_by_the_next(
     assert reap_abandoned_claims(ctx) == 4
 
     # Then the requests are pending again rather than stranded
-    pending = ctx.redis.zrange(ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a")), 0, -1)
-    assert sorted(p.decode() for p in pending) == sorted(ids)
+    pending = pending_ids(ctx.redis, ctx.keys, buffer_name(DEFAULT_PROVIDER, "m-a"))
+    assert sorted(pending) == sorted(ids)
 
 
 def _crash(*_args: object, **_kwargs: object) -> None:
@@ -274,3 +275,47 @@ def test_ages_are_measured_on_the_redis_clock_not_the_hosts(
     # Then its enqueue time is the server's, and it is not (wrongly) an hour old
     assert abs(enq - server_time_ms(ctx.redis)) < 5000
     assert pack_buffer(ctx, buffer_name(DEFAULT_PROVIDER, "m-a")) is None
+
+
+def test_requests_that_left_the_middle_of_a_buffer_are_skipped_by_the_next_claim(
+    worker_context: WorkerContext,
+) -> None:
+    # Given six waiting requests, two of them cancelled from the middle of the buffer
+    ctx = with_settings(worker_context, max_batch_requests=3, max_wait_seconds=60)
+    buf = buffer_name(DEFAULT_PROVIDER, "m-a")
+    ids = submit(ctx, 6)
+    producer = Producer(settings=ctx.settings, client=ctx.redis)
+    assert producer.cancel(ids[1]) and producer.cancel(ids[2])
+    assert pending_ids(ctx.redis, ctx.keys, buf) == [ids[0], *ids[3:]]
+
+    # When the aggregator packs batches of three
+    first, rest = pack_due_buffers(ctx, force=True)
+
+    # Then the four still waiting are packed, in their order, past the cancelled ones, and
+    # the buffer's list, count and bytes are empty
+    assert [line["custom_id"] for line in read_lines(first.path)] == [ids[0], ids[3], ids[4]]
+    assert [line["custom_id"] for line in read_lines(rest.path)] == [ids[5]]
+    assert ctx.redis.llen(ctx.keys.pending(buf)) == 0
+    assert int(ctx.redis.hget(ctx.keys.pending_counts, buf) or 0) == 0
+    assert int(ctx.redis.hget(ctx.keys.buffers, buf) or 0) == 0
+
+
+def test_a_request_listed_twice_in_its_buffer_is_claimed_once(
+    worker_context: WorkerContext,
+) -> None:
+    # Given a waiting request taken back by a batch while its id stays listed (what the
+    # reconciler does after Redis lost a claim), then sent round again: listed twice
+    ctx = with_settings(worker_context, max_batch_requests=100, max_wait_seconds=60)
+    buf = buffer_name(DEFAULT_PROVIDER, "m-a")
+    ids = submit(ctx, 3)
+    ctx.scripts.run("reclaim_batch", [ctx.keys.buffers], [ctx.keys.base, "b-old", ids[1]])
+    ctx.scripts.run("requeue", [ctx.keys.buffers], [ctx.keys.base, "b-old", "1", 60, ids[1]])
+    listed = [m.decode() for m in ctx.redis.lrange(ctx.keys.pending(buf), 0, -1)]
+    assert listed == [ids[1], ids[0], ids[1], ids[2]]
+
+    # When the aggregator packs the buffer
+    (batch,) = pack_due_buffers(ctx, force=True)
+
+    # Then each request is in the batch file once, the one sent round again first
+    assert [line["custom_id"] for line in read_lines(batch.path)] == [ids[1], ids[0], ids[2]]
+    assert batch.request_count == 3 and ctx.redis.llen(ctx.keys.pending(buf)) == 0

@@ -8,7 +8,7 @@ import pytest
 from redis import Redis
 
 from producer import AsyncProducer, InvalidRequest, PartialSubmitError, Producer
-from shared.redis_layout import Keys, buffer_name
+from shared.redis_layout import Keys, buffer_name, pending_ids
 from shared.schemas import DEFAULT_PROVIDER
 from shared.settings import Settings
 
@@ -36,8 +36,8 @@ def test_async_submit_is_idempotent_validates_and_cancels(
     first, again, many, status = asyncio.run(scenario())
     assert first == again
     assert status == "pending"
-    pending = redis_client.zrange(Keys().pending(buffer_name(DEFAULT_PROVIDER, "m-a")), 0, -1)
-    assert [p.decode() for p in pending] == [first, many[1], many[2]]
+    pending = pending_ids(redis_client, Keys(), buffer_name(DEFAULT_PROVIDER, "m-a"))
+    assert pending == [first, many[1], many[2]]
     # the sync producer sees the same requests
     assert Producer(settings=settings).state(many[0]) == "cancelled"
 
@@ -75,6 +75,6 @@ def test_a_refused_chunk_reports_which_requests_were_stored(
     # Then the handles say exactly which requests are in the buffer
     stored = {h.id for h in err.handles if h is not None}
     assert 0 < len(stored) < 3000
-    pending = redis_client.zrange(Keys().pending(buffer_name(DEFAULT_PROVIDER, "m-a")), 0, -1)
-    assert stored <= {p.decode() for p in pending}
+    pending = pending_ids(redis_client, Keys(), buffer_name(DEFAULT_PROVIDER, "m-a"))
+    assert stored <= set(pending)
     assert len(pending) == len(stored) + 1

@@ -12,7 +12,7 @@ from sqlmodel import select
 from producer import CallbackQueue, Producer, Result
 from shared.models import Batch, BatchState, Request, utcnow
 from shared.providers.local import LocalProvider
-from shared.redis_layout import buffer_name
+from shared.redis_layout import buffer_name, pending_ids
 from shared.schemas import DEFAULT_PROVIDER
 from tests.conftest import run_local_jobs
 from tests.conftest import submit_requests as submit
@@ -141,9 +141,9 @@ def test_retryable_line_error_requeues_until_attempts_run_out(ctx: WorkerContext
         if attempt == 1:
             # the other nine are done; the victim is pending again for another batch
             assert len(results) == 9 and victim not in results
-            assert ctx.redis.zrange(
-                ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a")), 0, -1
-            ) == [victim.encode()]
+            assert pending_ids(ctx.redis, ctx.keys, buffer_name(DEFAULT_PROVIDER, "m-a")) == [
+                victim
+            ]
     # After the second failure it is out of attempts and fails with the provider's reason
     assert set(results) == {victim}
     failed = results[victim]
@@ -316,8 +316,8 @@ def test_a_batch_the_provider_lost_sends_its_requests_round_again(ctx: WorkerCon
 
     # Then nothing is delivered yet and every request is pending again for a new batch
     assert delivered(ctx) == []
-    pending = ctx.redis.zrange(ctx.keys.pending(buffer_name(DEFAULT_PROVIDER, "m-a")), 0, -1)
-    assert sorted(p.decode() for p in pending) == sorted(ids)
+    pending = pending_ids(ctx.redis, ctx.keys, buffer_name(DEFAULT_PROVIDER, "m-a"))
+    assert sorted(pending) == sorted(ids)
     with ctx.session() as session:
         (batch,) = session.exec(select(Batch))
     assert (batch.state, batch.outcome, batch.requeued_count) == ("finished", "lost", 10)

@@ -22,8 +22,8 @@ from redis import Redis
 
 from producer import IdempotencyConflict, Producer
 from shared.db import finish_requests
-from shared.redis_layout import buffer_name
-from shared.schemas import DEFAULT_PROVIDER
+from shared.redis_layout import buffer_name, pending_ids
+from shared.schemas import DEFAULT_PROVIDER, LINE_OVERHEAD
 from tests.conftest import make_settings
 from worker.context import WorkerContext
 from worker.packing import pack_buffer
@@ -148,9 +148,9 @@ class BufferMachine(RuleBasedStateMachine):
     def every_request_is_in_exactly_one_place(self) -> None:
         redis, keys = self.ctx.redis, self.ctx.keys
         pending = {
-            m.decode()
+            request_id
             for model in MODELS
-            for m in redis.zrange(keys.pending(buffer_name(DEFAULT_PROVIDER, model)), 0, -1)
+            for request_id in pending_ids(redis, keys, buffer_name(DEFAULT_PROVIDER, model))
         }
         batched = {i for ids in self.open_batches.values() for i in ids}
         assert not pending & batched and not pending & self.finished
@@ -168,13 +168,24 @@ class BufferMachine(RuleBasedStateMachine):
             assert state == expected, (request_id, state, expected)
 
     @invariant()
-    def buffer_bytes_match_what_waits(self) -> None:
+    def buffer_counts_match_what_waits(self) -> None:
         redis, keys = self.ctx.redis, self.ctx.keys
         for model in MODELS:
             buf = buffer_name(DEFAULT_PROVIDER, model)
-            ids = [m.decode() for m in redis.zrange(keys.pending(buf), 0, -1)]
-            sizes = sum(int(redis.hget(keys.request(i), "size") or 0) for i in ids)
+            ids = pending_ids(redis, keys, buf)
+            # What the producer weighed each request at: its batch line plus its metadata.
+            sizes = sum(
+                LINE_OVERHEAD
+                + len(i)
+                + redis.hstrlen(keys.bodies(buf), i)
+                + redis.hstrlen(keys.request(i), "meta")
+                for i in ids
+            )
             assert int(redis.hget(keys.buffers, buf) or 0) == sizes
+            assert int(redis.hget(keys.pending_counts, buf) or 0) == len(ids)
+            # The head of the list is the oldest waiting request (claims read its age there).
+            head = redis.lindex(keys.pending(buf), 0)
+            assert (head.decode() if head else None) == (ids[0] if ids else None)
 
     @invariant()
     def each_outcome_is_delivered_once(self) -> None:

@@ -201,6 +201,7 @@ def test_a_request_cancelled_in_an_abandoned_claim_ends_cancelled(ctx: WorkerCon
             ctx.keys.claim_ids("b1"),
             ctx.keys.claim("b1"),
             ctx.keys.claims,
+            ctx.keys.pending_counts,
         ],
         [ctx.keys.base, "default:m-a", "b1", 10, 10**9, 10**9, int(time.time() * 1000), "1"],
     )

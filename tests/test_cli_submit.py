@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from producer import Producer
+from shared.redis_layout import pending_ids
 from tests.conftest import drive_pipeline, settings_env
 from worker.cli import app as cli
 from worker.context import WorkerContext
@@ -26,8 +27,7 @@ def runner(ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 
 
 def _pending(ctx: WorkerContext, model: str) -> set[str]:
-    members = ctx.redis.zrange(ctx.keys.pending(f"default:{model}"), 0, -1)
-    return {m.decode() for m in members}
+    return set(pending_ids(ctx.redis, ctx.keys, f"default:{model}"))
 
 
 def _jsonl(path: Path, lines: list[object]) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from producer import CallbackQueue, Producer
-from shared.redis_layout import text
+from shared.redis_layout import pending_ids, text
 from tests.conftest import WorkerFactory, make_settings
 from worker import packing
 from worker.context import WorkerContext
@@ -131,7 +131,7 @@ def test_one_claim_the_reaper_cannot_take_back_does_not_keep_the_others_out(
 
 
 def pending(ctx: WorkerContext, buf: str) -> set[str]:
-    return {text(m) for m in ctx.redis.zrange(ctx.keys.pending(buf), 0, -1)}
+    return set(pending_ids(ctx.redis, ctx.keys, buf))
 
 
 def refuse_tombstone(ctx: WorkerContext, batch_id: str) -> None:

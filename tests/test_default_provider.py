@@ -12,7 +12,7 @@ from sqlmodel import select
 from producer import CallbackQueue, Producer, Result
 from shared.models import Batch
 from shared.providers.local import DRY_RUN_FINGERPRINT
-from shared.redis_layout import buffer_name
+from shared.redis_layout import buffer_name, pending_ids
 from shared.schemas import DEFAULT_PROVIDER
 from shared.schemas import DRY_RUN_FINGERPRINT as SCHEMA_FINGERPRINT
 from tests.conftest import make_settings, run_local_jobs
@@ -105,8 +105,7 @@ def test_an_abandoned_claim_of_the_default_buffer_goes_back_to_it(
         packing.pack_buffer(ctx, buf)
 
     # Then its claim is handed back: every request waits in the default buffer again
-    pending = ctx.redis.zrange(ctx.keys.pending(buf), 0, -1)
-    assert sorted(m.decode() for m in pending) == sorted(ids)
+    assert sorted(pending_ids(ctx.redis, ctx.keys, buf)) == sorted(ids)
     assert [(b.state, b.model) for b in recorded_batches(ctx)] == [("abandoned", "m-a")]
 
 

@@ -11,6 +11,7 @@ from redis import Redis
 from producer import InvalidRequest, Producer
 from shared import task_names
 from shared.redis_layout import Keys, buffer_name
+from shared.redis_layout import pending_ids as waiting_ids
 from shared.schemas import DEFAULT_PROVIDER
 from shared.settings import Settings
 from tests.conftest import make_settings
@@ -26,7 +27,7 @@ def producer(settings: Settings) -> Producer:
 
 
 def pending_ids(client: Redis, provider: str, model: str) -> list[str]:
-    return [m.decode() for m in client.zrange(Keys().pending(buffer_name(provider, model)), 0, -1)]
+    return waiting_ids(client, Keys(), buffer_name(provider, model))
 
 
 def test_submit_records_request_and_appends_to_its_model_buffer(

@@ -20,7 +20,7 @@ from sqlmodel import select
 from producer import Producer, RequestHandle, Result
 from shared.models import Batch, BatchState, Request, RequestState, utcnow
 from shared.providers.local import LocalProvider
-from shared.redis_layout import buffer_name
+from shared.redis_layout import buffer_name, pending_ids
 from shared.schemas import DEFAULT_PROVIDER
 from tests.conftest import RedisFactory, drive_pipeline
 from tests.conftest import submit_requests as submit
@@ -198,7 +198,7 @@ def test_a_lost_requeue_is_done_again(ctx: WorkerContext) -> None:
 
     # Then they are back in their buffer, bytes and all, and go through once
     assert report.requeued == 5
-    assert ctx.redis.zcard(ctx.keys.pending(BUF)) == 5
+    assert sorted(pending_ids(ctx.redis, ctx.keys, BUF)) == sorted(ids)
     assert int(ctx.redis.hget(ctx.keys.buffers, BUF) or 0) == waiting
     drive(ctx)
     assert sorted(r.request_id for r in stream_results(ctx)) == sorted(ids)
@@ -247,7 +247,7 @@ def test_a_lost_claim_is_taken_back_by_its_committed_batch(ctx: WorkerContext) -
     # Then the batch takes them back; nothing is left to pack twice
     assert report.reclaimed == 10
     assert states(ctx, ids) == {"batched": 10}
-    assert ctx.redis.zcard(ctx.keys.pending(BUF)) == 0
+    assert pending_ids(ctx.redis, ctx.keys, BUF) == []
     assert int(ctx.redis.hget(ctx.keys.buffers, BUF) or 0) == 0
     assert pack_due_buffers(ctx, force=True) == []
     assert batch_still_owns_requests(ctx, packed.id)
@@ -306,6 +306,7 @@ def test_a_batch_whose_requests_another_batch_holds_is_never_sent(ctx: WorkerCon
             ctx.keys.claim_ids("other"),
             ctx.keys.claim("other"),
             ctx.keys.claims,
+            ctx.keys.pending_counts,
         ],
         [ctx.keys.base, BUF, "other", 100, 10**8, 0, int(time.time() * 1000), "1"],
     )
@@ -333,6 +334,7 @@ def test_requests_of_a_forgotten_claim_return_to_their_buffer(ctx: WorkerContext
         ctx.keys.claim_ids(batch_id),
         ctx.keys.claim(batch_id),
         ctx.keys.claims,
+        ctx.keys.pending_counts,
     ]
     now = int(time.time() * 1000)
     args = [ctx.keys.base, BUF, batch_id, 100, 10**9, 0, now, "1"]

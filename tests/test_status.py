@@ -14,6 +14,7 @@ from sqlmodel import Session, col, select, update
 
 from producer import CallbackQueue, Producer
 from shared.models import Batch, BatchState, Request, WebhookDelivery, utcnow
+from shared.redis_layout import pending_ids
 from tests.conftest import drive_pipeline, make_settings, submit_requests
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
@@ -29,9 +30,9 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 def _age_buffer(ctx: WorkerContext, buf: str, seconds: float) -> None:
     """Make the oldest request of ``buf`` look ``seconds`` old (what claim.lua reads)."""
-    first = ctx.redis.zrange(ctx.keys.pending(buf), 0, 0)[0]
+    first = pending_ids(ctx.redis, ctx.keys, buf)[0]
     enq = int(time.time() * 1000 - seconds * 1000)
-    ctx.redis.hset(ctx.keys.request(first.decode()), "enq", enq)
+    ctx.redis.hset(ctx.keys.request(first), "enq", enq)
 
 
 def test_status_shows_pending_buffers_and_a_batch_the_provider_keeps_refusing(

@@ -140,15 +140,15 @@ def _wait(handle: RequestHandle, timeout: float) -> None:
 
 def flush_forecast(producer: Producer, settings: Settings, request_id: str) -> str:
     """Where a request is and, while it waits in its buffer, when and why that flushes."""
-    from shared.redis_layout import split_buffer_name, text
+    from shared.redis_layout import buffer_name_of, split_buffer_name, text
     from worker.packing import batch_provider
     from worker.status_buffers import flush_text, read_buffer
 
-    state, buf, batch = producer.redis.hmget(
+    state, number, batch = producer.redis.hmget(
         producer.keys.request(request_id), "state", "buf", "batch"
     )
-    if state == b"pending" and buf is not None:
-        name = text(buf)
+    name = buffer_name_of(producer.redis, producer.keys, number)
+    if state == b"pending" and name is not None:
         buffer = read_buffer(producer.redis, producer.keys, name, int(time.time() * 1000))
         provider, model = split_buffer_name(name)
         when = flush_text(buffer, settings, name_variables=True)

@@ -31,7 +31,7 @@ from shared.db import make_engine
 from shared.embedded_redis import RedisUnavailable, resolve_redis_url
 from shared.models import TERMINAL_REQUEST_STATES, Batch, BatchState
 from shared.pricing import PriceFileError, PriceTable, load_price_table
-from shared.redis_layout import CALLBACK_GROUP, Keys, split_buffer_name, text
+from shared.redis_layout import CALLBACK_GROUP, Keys, pending_heads, split_buffer_name, text
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -204,17 +204,7 @@ def _pending_families(
     client: Redis, keys: Keys, buffers: dict[Any, Any], now_ms: int
 ) -> list[Metric]:
     bufs = sorted((text(b), int(n)) for b, n in buffers.items())
-    pipe = client.pipeline(transaction=False)
-    for buf, _ in bufs:
-        pipe.zcard(keys.pending(buf))
-        pipe.zrange(keys.pending(buf), 0, 0)
-    replies = pipe.execute()
-    counts = replies[0::2]
-    firsts = [text(first[0]) if first else None for first in replies[1::2]]
-    pipe = client.pipeline(transaction=False)
-    for first in firsts:
-        pipe.hget(keys.request(first or "-"), "enq")
-    enqueued = pipe.execute() if firsts else []
+    heads = pending_heads(client, keys, [buf for buf, _ in bufs])
     labels = ["provider", "model"]
     requests = GaugeMetricFamily(
         f"{P}pending_requests", "requests waiting in a pending buffer", labels=labels
@@ -227,12 +217,12 @@ def _pending_families(
         "age of the oldest pending request, since it was first submitted (0 when none)",
         labels=labels,
     )
-    for (buf, n_bytes), count, first, enq in zip(bufs, counts, firsts, enqueued, strict=True):
+    for (buf, n_bytes), (count, enq) in zip(bufs, heads, strict=True):
         # A request that names no provider waits under "default" until a worker packs it.
         label = list(split_buffer_name(buf))
-        requests.add_metric(label, int(count))
+        requests.add_metric(label, count)
         size.add_metric(label, n_bytes)
-        age = max(now_ms - int(enq), 0) / 1000 if first and enq else 0.0
+        age = max(now_ms - enq, 0) / 1000 if enq is not None else 0.0
         oldest.add_metric(label, age)
     return [requests, size, oldest]
 

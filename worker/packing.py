@@ -133,6 +133,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
             ctx.keys.claim_ids(batch_id),
             ctx.keys.claim(batch_id),
             ctx.keys.claims,
+            ctx.keys.pending_counts,
         ],
         [
             ctx.keys.base,

@@ -7,7 +7,7 @@ from typing import Any
 
 from redis import Redis
 
-from shared.redis_layout import Keys, split_buffer_name, text
+from shared.redis_layout import Keys, pending_heads, split_buffer_name, text
 from shared.settings import ENV_PREFIX, Settings
 from worker.packing import FlushDecision, flush_decision
 
@@ -66,25 +66,11 @@ def read_buffer(client: Redis, keys: Keys, buf: str, now_ms: int) -> BufferState
 def _read(
     client: Redis, keys: Keys, names: list[str], now_ms: int, sizes: dict[str, int]
 ) -> list[BufferState]:
-    pipe = client.pipeline(transaction=False)
-    for buf in names:
-        pipe.zcard(keys.pending(buf))
-        pipe.zrange(keys.pending(buf), 0, 0)
-    replies = pipe.execute()
-    counts = [int(n) for n in replies[0::2]]
-    # claim.lua takes the age from the first request of the buffer, so this does too.
-    firsts = [text(first[0]) if first else None for first in replies[1::2]]
-    pipe = client.pipeline(transaction=False)
-    for first in firsts:
-        if first is not None:
-            pipe.hget(keys.request(first), "enq")
-    enqueued = iter(pipe.execute())
-    states = []
-    for buf, count, first in zip(names, counts, firsts, strict=True):
-        enq = next(enqueued) if first is not None else None
-        oldest = int(enq) if enq is not None else (now_ms if first is not None else None)
-        states.append(BufferState(buf, count, sizes.get(buf, 0), oldest, now_ms))
-    return states
+    heads = pending_heads(client, keys, names)
+    return [
+        BufferState(buf, count, sizes.get(buf, 0), oldest, now_ms)
+        for buf, (count, oldest) in zip(names, heads, strict=True)
+    ]
 
 
 def flush_text(state: BufferState, settings: Settings, *, name_variables: bool = False) -> str:

@@ -68,7 +68,7 @@ def alternate(pair: Pair, client: Redis, pending_key: str, rounds: int) -> None:
             base_s, base_cpu = timed(pair.baseline)
             cand_s, cand_cpu = timed(pair.candidate)
         # A benchmark that lost its writes would look fast: check both sides did the work.
-        pushed, enqueued = client.llen(BASELINE_KEY), client.zcard(pending_key)
+        pushed, enqueued = client.llen(BASELINE_KEY), client.llen(pending_key)
         if pushed != pair.ops or enqueued != pair.ops:
             raise RuntimeError(f"{pair.name}: expected {pair.ops} writes, got {pushed}/{enqueued}")
         if i == 0:

@@ -74,7 +74,7 @@ def redis_overhead(bench: Bench, result: CaseResult) -> None:
     ids = sorted(fill(bench, overrides, (chat_request(i) for i in range(n))))
     after = settled_memory(bench)
     with bench.client() as client:
-        if int(client.zcard(keys.pending(buf))) != n:
+        if int(client.llen(keys.pending(buf))) != n:
             raise AssertionError(f"expected {n} pending requests in {buf}")
         payload = mean_body_bytes(client, keys.bodies(buf), ids)
         parts = memory_breakdown(client, keys, buf, ids)
@@ -161,7 +161,7 @@ def memory_breakdown(client: Redis, keys: Any, buf: str, ids: list[str]) -> dict
     parts = {
         f"request hash ({encoding}, key and entry included)": request_hash,
         "bodies hash field, beyond the body bytes": bodies - payload,
-        "pending zset entry": memory_usage(client, keys.pending(buf)) / n,
+        "pending list entry": memory_usage(client, keys.pending(buf)) / n,
         # The keyspace's bucket array (8 bytes a bucket, a power of two >= the keys), which
         # MEMORY USAGE of no key includes.
         "keyspace buckets": 8 * (1 << max(0, int(client.dbsize()) - 1).bit_length()) / n,
@@ -170,7 +170,7 @@ def memory_breakdown(client: Redis, keys: Any, buf: str, ids: list[str]) -> dict
 
 
 def overhead_explanation(parts: dict[str, float], overhead: float, allocator: str) -> str:
-    """What the overhead is made of and what would have to change to bring it under target."""
+    """What the overhead is made of, for a run that misses the target."""
     biggest = sorted(parts.items(), key=lambda item: item[1], reverse=True)
     attributed = sum(parts.values())
     return (
@@ -180,15 +180,10 @@ def overhead_explanation(parts: dict[str, float], overhead: float, allocator: st
         + ", ".join(f"{name} {value:.0f} B" for name, value in biggest)
         + ". shared/redis_scripts/enqueue.lua writes three entries per pending request: a key "
         "of its own, bb:req:{id} (key name, object header, keyspace entry and a small "
-        "ziplist/listpack of state, enq, seq, size and buf, the ~47-character buffer name "
-        "repeated in every request), a field of bb:bodies:{buf} (hash-table entry plus the "
-        "32-character id again) and a member of bb:pending:{buf} (skiplist node plus dict "
-        "entry, the id a third time). Getting under the target takes layout changes in "
-        "enqueue.lua, claim.lua and every script reading these keys, e.g. the pending order "
-        "in a list rather than a zset (~35 B an entry instead of the zset's figure), no buf "
-        "in the request hash (~50 B), shorter ids (16 raw bytes instead of 32 hex characters, "
-        "three copies); moving the body into the request hash would make that hash a "
-        "hashtable (values over hash-max-ziplist-value, 64 B), which costs more than it saves."
+        "ziplist/listpack of state, enq and the buffer's number), a field of bb:bodies:{buf} "
+        "(hash-table entry plus the 32-character id again) and an entry of the list "
+        "bb:pending:{buf} (the id a third time). What is left is mostly per-key and per-entry "
+        "headers and the id's three copies (shorter ids would save on each)."
     )
 
 

@@ -131,7 +131,7 @@ def verify(bench: Bench, report: dict[str, Any], ids: set[str], data_dir: Path) 
     keys = Keys(bench.settings(data_dir).key_prefix)
     model = sized_request(500)["model"]
     with bench.client() as client:
-        left = client.zcard(keys.pending(buffer_name(DEFAULT_PROVIDER, model)))
+        left = client.llen(keys.pending(buffer_name(DEFAULT_PROVIDER, model)))
         claims = client.zcard(keys.claims)
     if left or claims:
         raise AssertionError(f"after packing: {left} requests still pending, {claims} claims")

@@ -1,8 +1,8 @@
 -- Cancel one request, whatever state it is in.
 --
 -- KEYS[1]  {p}:buffers             hash    buf -> bytes waiting
--- Keys built here: {p}:req:{id}, {p}:pending:{buf}, and what bb_terminal (_terminal.lua)
--- writes
+-- Keys built here: {p}:req:{id}, the buffer keys of _buffers.lua, and what bb_terminal
+-- (_terminal.lua) writes
 -- ARGV[1]  key prefix ("{p}:")     ARGV[2] result TTL (s)     ARGV[3] request id
 -- ARGV[4]  the cancelled Result's JSON
 -- Returns {what, outcome}:
@@ -15,13 +15,15 @@
 --   {'unknown'}          no such request (never submitted, or its result expired)
 local prefix, ttl, id = ARGV[1], ARGV[2], ARGV[3]
 local req = prefix .. 'req:' .. id
-local f = redis.call('HMGET', req, 'state', 'buf', 'size', 'cbq', 'wh', 'outcome')
+local f = redis.call('HMGET', req, 'state', 'buf', 'cbq', 'wh', 'outcome')
 if not f[1] then return {'unknown'} end
-if f[1] == 'done' then return {'finished', f[6] or ''} end
+if f[1] == 'done' then return {'finished', f[5] or ''} end
 if f[1] == 'pending' then
-  redis.call('ZREM', prefix .. 'pending:' .. f[2], id)
-  redis.call('HINCRBY', KEYS[1], f[2], -tonumber(f[3] or '0'))
-  bb_terminal(prefix, id, f[2], f[4], f[5], 'cancelled', ARGV[4], ttl, true)
+  -- Its id stays in the buffer's list until a claim drops it (see _buffers.lua).
+  local buf = bb_buffer_name(prefix, f[2])
+  bb_account(prefix, buf, -1, -bb_weight(prefix, buf, id))
+  bb_terminal(prefix, id, buf, f[3], f[4], 'cancelled', ARGV[4], ttl, true)
+  bb_trim_head(prefix, buf)
   bb_flush(prefix)
   return {'cancelled'}
 end

@@ -24,7 +24,8 @@ for i = 4, #ARGV, 3 do
       out[#out + 1] = id
       out[#out + 1] = result
     end
-    bb_terminal(prefix, id, f[4], f[3], f[5], outcome, result, ttl, false, f[7] or false)
+    bb_terminal(prefix, id, bb_buffer_name(prefix, f[4]), f[3], f[5], outcome, result, ttl, false,
+                f[7] or false)
     out[1] = out[1] + 1
   end
 end

@@ -1,8 +1,8 @@
 -- Re-apply outcomes the record (SQL) holds but Redis lost: the reconciler's finish.
 --
 -- KEYS[1]  {p}:buffers             hash    buf -> bytes waiting (a request found pending again)
--- Keys built here: {p}:req:{id} (hash), {p}:pending:{buf} (zset), and what bb_terminal
---                  (_terminal.lua) writes
+-- Keys built here: {p}:req:{id} (hash), the buffer keys of _buffers.lua, and what
+--                  bb_terminal (_terminal.lua) writes
 -- ARGV[1]  key prefix ("{p}:")     ARGV[2] result TTL (s)
 -- ARGV[3]  the batch id the record finished these requests in
 -- ARGV[4..] quintuples: request id, outcome, result JSON, callback queue and webhook URL
@@ -18,8 +18,8 @@ local finished = {}
 for i = 4, #ARGV, 5 do
   local id, outcome, result = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local req = prefix .. 'req:' .. id
-  local f = redis.call('HMGET', req, 'state', 'batch', 'cbq', 'buf', 'size', 'wh')
-  local cbq, wh = f[3], f[6]
+  local f = redis.call('HMGET', req, 'state', 'batch', 'cbq', 'buf', 'wh')
+  local cbq, wh, buf = f[3], f[5], bb_buffer_name(prefix, f[4])
   local ok = false
   if not f[1] then
     ok, cbq, wh = true, ARGV[i + 3], ARGV[i + 4]
@@ -29,13 +29,13 @@ for i = 4, #ARGV, 5 do
     ok = true
   elseif f[1] == 'pending' then
     ok = true
-    redis.call('ZREM', prefix .. 'pending:' .. f[4], id)
-    redis.call('HINCRBY', KEYS[1], f[4], -tonumber(f[5] or '0'))
+    bb_account(prefix, buf, -1, -bb_weight(prefix, buf, id))
     redis.call('HSET', req, 'batch', batch)
   end
   if ok then
     if ARGV[i + 4] == '' then wh = '' end
-    bb_terminal(prefix, id, f[4], cbq, wh, outcome, result, ttl, false)
+    bb_terminal(prefix, id, buf, cbq, wh, outcome, result, ttl, false)
+    if f[1] == 'pending' then bb_trim_head(prefix, buf) end
     finished[#finished + 1] = id
   end
 end
