@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from shared.errors import describe_error
+from shared.schemas import new_request_ids
 from shared.settings import Settings, SettingsError, safe_url, unknown_variables
 from shared.startup_checks import SetupError, check_database, check_redis, ensure_data_dir
 from worker import task_summaries
@@ -163,7 +164,7 @@ def test_idle_ticks_are_kept_out_of_the_info_log_and_work_is_not() -> None:
 
 
 def test_json_lines_carry_batch_and_request_ids() -> None:
-    batch_id, request_id = "0" * 12 + "ab" * 8, "cd" * 16
+    batch_id, request_id = "0" * 12 + "ab" * 8, new_request_ids(1)[0]
     record = _record("worker.lifecycle", f"batch {batch_id} failed its request {request_id}")
     entry = json.loads(JsonFormatter().format(record))
     assert entry["batch_id"] == batch_id and entry["request_id"] == request_id

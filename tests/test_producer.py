@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import orjson
@@ -12,7 +13,7 @@ from producer import InvalidRequest, Producer
 from shared import task_names
 from shared.redis_layout import Keys, buffer_name
 from shared.redis_layout import pending_ids as waiting_ids
-from shared.schemas import DEFAULT_PROVIDER
+from shared.schemas import DEFAULT_PROVIDER, keyed_request_id, new_request_ids
 from shared.settings import Settings
 from tests.conftest import make_settings
 
@@ -174,3 +175,16 @@ def test_a_key_redis_forgot_still_names_the_request_it_holds(
         "m-a", [{"role": "user", "content": "else"}], idempotency_key="order-41"
     )
     assert other.id != first.id
+
+
+def test_request_ids_are_short_distinct_and_keyed_ones_stable() -> None:
+    # Given many fresh ids and the ids of two idempotency keys
+    fresh = new_request_ids(20_000)
+    keyed = keyed_request_id("order-17", "d" * 32)
+
+    # Then every id is 20 characters of [0-9a-v] (100 random bits), none repeats, all 32
+    # characters occur, and a key always names the same id (another key another one)
+    assert all(re.fullmatch(r"[0-9a-v]{20}", i) for i in [*fresh, keyed])
+    assert len(set(fresh)) == len(fresh)
+    assert set("".join(fresh)) == set("0123456789abcdefghijklmnopqrstuv")
+    assert keyed == keyed_request_id("order-17", "d" * 32) != keyed_request_id("order-18", "d" * 32)

@@ -1,7 +1,8 @@
 """Logs: one JSON object per line when not on a terminal, and quiet while nothing happens.
 
-Batch ids (28 hex digits) and request ids (32) in a message are also given as ``batch_id``
-and ``request_id`` fields, so a log pipeline can follow one of them through its life.
+Batch ids (28 hex digits) and request ids (20 characters of [0-9a-v]) in a message are also
+given as ``batch_id`` and ``request_id`` fields, so a log pipeline can follow one of them
+through its life.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import orjson
 
 _BATCH_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{28}(?![0-9a-f])")
-_REQUEST_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
+_REQUEST_ID = re.compile(r"(?<![0-9a-z])[0-9a-v]{20}(?![0-9a-z])")
 _PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -181,7 +181,7 @@ def overhead_explanation(parts: dict[str, float], overhead: float, allocator: st
         + ". shared/redis_scripts/enqueue.lua writes three entries per pending request: a key "
         "of its own, bb:req:{id} (key name, object header, keyspace entry and a small "
         "ziplist/listpack of state, enq and the buffer's number), a field of bb:bodies:{buf} "
-        "(hash-table entry plus the 32-character id again) and an entry of the list "
+        "(hash-table entry plus the 20-character id again) and an entry of the list "
         "bb:pending:{buf} (the id a third time). What is left is mostly per-key and per-entry "
         "headers and the id's three copies (shorter ids would save on each)."
     )
