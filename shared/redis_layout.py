@@ -53,6 +53,7 @@ from typing import Any
 
 from redis import Redis
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 CALLBACK_GROUP = "consumers"
 # A request's states in Redis and the scripts that move it (the Lua checks the source state
@@ -246,6 +247,46 @@ class Scripts:
     def run(self, name: str, keys: list[str], args: list[Any], client: Any | None = None) -> Any:
         """Run one script (EVALSHA, loading it on first use) on ``client`` or a pipeline."""
         return self._scripts[name](keys=keys, args=args, client=client)
+
+
+class SentScript:
+    """A script call sent on a connection of its own, its reply read later (or discarded)."""
+
+    def __init__(
+        self, scripts: Scripts, client: Redis, name: str, keys: list[str], args: list[Any]
+    ) -> None:
+        self._scripts, self._name, self._keys, self._args = scripts, name, keys, args
+        self._pool = client.connection_pool
+        self._conn: Any = self._pool.get_connection()
+        command = ("EVALSHA", scripts.sha(name), len(keys), *keys, *args)
+        try:
+            self._conn.send_command(*command)  # type: ignore[no-untyped-call]
+        except BaseException:
+            self.discard()
+            raise
+
+    def reply(self) -> Any:
+        """Wait for the script's reply (running it again, loaded, if Redis had forgotten it)."""
+        conn, self._conn = self._conn, None
+        try:
+            reply = conn.read_response()
+        except NoScriptError:
+            self._pool.release(conn)
+            # Not run at all, so running it now is the same call.
+            return self._scripts.run(self._name, self._keys, self._args)
+        except BaseException:
+            conn.disconnect()
+            self._pool.release(conn)
+            raise
+        self._pool.release(conn)
+        return reply
+
+    def discard(self) -> None:
+        """Give the connection up without reading the reply (the call may or may not run)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
+            self._pool.release(conn)
 
 
 def request_fields(

@@ -31,7 +31,7 @@ from shared.db import finish_requests, transition, update_batch
 from shared.gc_pause import gc_paused
 from shared.models import Batch, BatchState, Request, RequestState
 from shared.providers.base import ProviderError
-from shared.redis_layout import request_fields_within
+from shared.redis_layout import SentScript, request_fields_within
 from shared.schemas import ErrorInfo, Result
 from worker.backoff import backoff
 from worker.batch_cancel import REQUEUED
@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 # sooner once their lines add up to _CHUNK_BYTES: the bound on what a chunk holds in memory
 # when responses (or metadata) are large.
 _CHUNK = 2000
+# An outcome to deliver: the line's outcome, the Result's JSON and the provider's usage.
+_Final = tuple[LineOutcome, bytes, object]
 _CHUNK_BYTES = 8 << 20
 # Token counts are recorded in 32-bit integer columns; no real request comes near this.
 MAX_TOKENS = 2**31 - 1
@@ -155,7 +157,7 @@ def collect_batch(ctx: WorkerContext, batch_id: str) -> bool:
             for request_id in attempts.keys() - fan_out.seen:
                 fan_out.add(_missing_outcome(request_id, batch))
             fan_out.flush()
-            fan_out.wait_recorded()
+            fan_out.drain()
     finally:
         fan_out.close()
         buckets.close()
@@ -262,6 +264,9 @@ class _FanOut:
         # one chunk behind, and always after its own delivery.
         self._recorder = ThreadPoolExecutor(1, thread_name_prefix="fanout-record")
         self._recording: Future[None] | None = None
+        # The chunk whose delivery (finish.lua) Redis is running while the next chunk's lines
+        # are read and parsed: the two processes work at once instead of taking turns.
+        self._delivering: tuple[SentScript | None, list[_Final], list[LineOutcome]] | None = None
 
     def add(self, outcome: LineOutcome, source: tuple[Path, int] | None = None) -> None:
         """Take one outcome; one read from ``source`` (file, offset) may be held back."""
@@ -322,7 +327,7 @@ class _FanOut:
             else:
                 ready.append((o, meta, False))
         args: list[Any] = [keys.base, ctx.settings.result_ttl_seconds, self.batch.id]
-        final: list[tuple[LineOutcome, bytes, object]] = []
+        final: list[_Final] = []
         for o, meta, cancelled in ready:
             # A request failed for its encoding still used (and cost) the provider's tokens.
             usage = (o.response or {}).get("usage")
@@ -332,20 +337,33 @@ class _FanOut:
                 o, result = self._encoded(o, meta)
             final.append((o, result, usage))
             args += [o.request_id, o.status, result]
-        # A cancel that lands between the read above and the script is applied by the script,
-        # which then reports the result it delivered instead.
-        instead: dict[str, str] = {}
-        if final:
-            instead = cancelled_pairs(ctx.scripts.run("finish", [keys.buffers], args))
+        self._complete_delivery()
+        sent = SentScript(ctx.scripts, ctx.redis, "finish", [keys.buffers], args) if final else None
+        self._delivering = (sent, final, retry)
         if retry:
             # A batch that never reached the provider costs its requests no attempt.
             _, gone = requeue_or_cancel(
                 ctx, self.batch.id, [o.request_id for o in retry], counts=not unsent
             )
-            retry = [o for o in retry if o.request_id not in gone]
-        ctx.crash_point("after_fanout_delivery")
+            retry[:] = [o for o in retry if o.request_id not in gone]
+
+    def _complete_delivery(self) -> None:
+        """Read the reply of the chunk delivered last, then hand that chunk to the recorder."""
+        delivering, self._delivering = self._delivering, None
+        if delivering is None:
+            return
+        sent, final, retry = delivering
+        # A cancel that lands between reading the marks and the script is applied by the
+        # script, which then reports the result it delivered instead.
+        instead = cancelled_pairs(sent.reply()) if sent is not None else {}
+        self.ctx.crash_point("after_fanout_delivery")
         self.wait_recorded()
         self._recording = self._recorder.submit(self._record_chunk, final, retry, instead)
+
+    def drain(self) -> None:
+        """Until every chunk applied so far is delivered and recorded."""
+        self._complete_delivery()
+        self.wait_recorded()
 
     def wait_recorded(self) -> None:
         """Until the chunk being recorded is (raising what recording it raised)."""
@@ -355,11 +373,14 @@ class _FanOut:
 
     def close(self) -> None:
         """Stop the recording thread (after waiting for what it is doing)."""
+        if self._delivering is not None and self._delivering[0] is not None:
+            self._delivering[0].discard()  # collection failed: a later attempt delivers again
+        self._delivering = None
         self._recorder.shutdown(wait=True)
 
     def _record_chunk(
         self,
-        final: list[tuple[LineOutcome, bytes, object]],
+        final: list[_Final],
         retry: list[LineOutcome],
         instead: dict[str, str],
     ) -> None:
@@ -427,7 +448,7 @@ class _FanOut:
 
     def _record(
         self,
-        final: list[tuple[LineOutcome, bytes, object]],
+        final: list[_Final],
         retry: list[LineOutcome],
         instead: dict[str, str],
     ) -> None:
