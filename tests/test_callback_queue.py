@@ -298,5 +298,8 @@ def test_a_wait_longer_than_the_socket_timeout_waits_instead_of_failing(
         delivery = queue.get(timeout=3.0)
     finally:
         late.cancel()
+        # The result lands the moment its XADD runs, possibly before that XADD's reply is
+        # read: closing the client under the timer's thread would break that read.
+        late.join()
         queue.close()
     assert delivery is not None and delivery.result.request_id == "r1"
