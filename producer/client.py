@@ -114,7 +114,11 @@ class Producer:
             max_metadata_bytes=self._max_metadata,
             webhook_allow=self._webhook_allow,
         )
-        reply = self._scripts.run("enqueue", [self.keys.buffers], self._args([prepared]))
+        # The same send as submit_many's: hiredis packs the command in C, where redis-py
+        # would first encode each argument in Python.
+        (reply,) = self._enqueue_chunks([[prepared]])
+        if isinstance(reply, Exception):
+            raise reply
         try:
             return self._handles([prepared], reply)[0]
         except IdempotencyConflict as exc:
