@@ -84,6 +84,7 @@ _SCRIPT_NAMES = (
     "claim_webhooks",
     "settle_webhook",
     "request_fields",
+    "upgrade_buffer",
 )
 # Requests per request_fields call: one reply stays a few MB even for large metadata.
 _FIELDS_CHUNK = 2000
@@ -100,6 +101,7 @@ _LIBRARIES: dict[str, tuple[str, ...]] = {
         "reclaim_batch",
         "cancel",
         "request_fields",
+        "upgrade_buffer",
     ),
     "_terminal": ("finish", "requeue", "unclaim", "restore_done", "cancel"),
 }
@@ -354,8 +356,20 @@ def pending_heads(client: Redis, keys: Keys, bufs: Sequence[str]) -> list[tuple[
 
 def buffer_name_of(client: Redis, keys: Keys, number: Any) -> str | None:
     """The buffer a request hash's ``buf`` field (its buffer's number) stands for."""
-    name: Any = client.hget(keys.buffer_names, number) if number is not None else None
+    if number is None:
+        return None
+    if b":" in number:
+        return text(number)  # written before buffers had numbers: the name itself
+    name: Any = client.hget(keys.buffer_names, number)
     return text(name) if name is not None else None
+
+
+def upgrade_buffers(client: Redis, scripts: Scripts, keys: Keys) -> int:
+    """Move pending buffers an older batchbridge kept as sorted sets to lists; ids moved."""
+    return sum(
+        int(scripts.run("upgrade_buffer", [], [keys.base, text(buf)]))
+        for buf in client.hkeys(keys.buffers)
+    )
 
 
 def server_time_ms(client: Any) -> int:

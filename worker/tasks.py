@@ -23,6 +23,7 @@ from shared.models import utcnow
 from shared.providers.base import ProviderBatchStatus
 from shared.providers.local import LocalProvider, get_engine, run_job
 from shared.providers.local.faults import Faults
+from shared.redis_layout import upgrade_buffers
 from shared.settings import Settings
 from shared.startup_checks import (
     SetupError,
@@ -105,6 +106,8 @@ def _check_redis(settings: Settings) -> None:
     try:
         check_eviction_policy(ctx.redis)
         check_epoch(ctx)
+        if moved := upgrade_buffers(ctx.redis, ctx.scripts, ctx.keys):
+            log.warning("moved %d pending request ids to the current buffer layout", moved)
         latest = last_activity(ctx)
     except UnsafeRedisConfig as exc:
         log.critical("%s", exc)

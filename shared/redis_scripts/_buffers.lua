@@ -23,15 +23,29 @@
 local BB_LINE_OVERHEAD = 25
 local BB_BUFFER_NAMES = {}  -- buffer number -> name, read once per script call
 
--- The name of a request's buffer from the number its hash stores (nil for nil).
+-- The name of a request's buffer from the number its hash stores (nil for nil). A hash
+-- written before buffers had numbers holds the name itself (names contain a colon).
 local function bb_buffer_name(prefix, number)
   if not number then return nil end
+  if string.find(number, ':', 1, true) then return number end
   local name = BB_BUFFER_NAMES[number]
   if not name then
     name = redis.call('HGET', prefix .. 'bufname', number)
     BB_BUFFER_NAMES[number] = name
   end
   return name
+end
+
+-- The number of buffer buf, given it on first use. Numbers are never taken back, so the
+-- next one is the count so far plus one.
+local function bb_buffer_number(prefix, buf)
+  local number = redis.call('HGET', prefix .. 'bufno', buf)
+  if not number then
+    number = tostring(redis.call('HLEN', prefix .. 'bufno') + 1)
+    redis.call('HSET', prefix .. 'bufno', buf, number)
+    redis.call('HSET', prefix .. 'bufname', number, buf)
+  end
+  return number
 end
 
 -- What a request weighs in its buffer: its batch line plus its metadata. Derived from what

@@ -79,14 +79,7 @@ for i = 4, #ARGV, 8 do
       ids_by_buf[buf], bodies_by_buf[buf] = ids, bodies
       bytes_by_buf[buf] = 0
       order[#order + 1] = buf
-      local number = redis.call('HGET', prefix .. 'bufno', buf)
-      if not number then
-        -- Numbers are never taken back, so the next one is the count so far plus one.
-        number = tostring(redis.call('HLEN', prefix .. 'bufno') + 1)
-        redis.call('HSET', prefix .. 'bufno', buf, number)
-        redis.call('HSET', prefix .. 'bufname', number, buf)
-      end
-      number_of[buf] = number
+      number_of[buf] = bb_buffer_number(prefix, buf)
     end
     local req = prefix .. 'req:' .. id
     redis.call('HSET', req, 'state', 'pending', 'enq', now, 'buf', number_of[buf])
