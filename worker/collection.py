@@ -337,15 +337,15 @@ class _FanOut:
                 o, result = self._encoded(o, meta)
             final.append((o, result, usage))
             args += [o.request_id, o.status, result]
-        self._complete_delivery()
-        sent = SentScript(ctx.scripts, ctx.redis, "finish", [keys.buffers], args) if final else None
-        self._delivering = (sent, final, retry)
         if retry:
             # A batch that never reached the provider costs its requests no attempt.
             _, gone = requeue_or_cancel(
                 ctx, self.batch.id, [o.request_id for o in retry], counts=not unsent
             )
-            retry[:] = [o for o in retry if o.request_id not in gone]
+            retry = [o for o in retry if o.request_id not in gone]
+        self._complete_delivery()
+        sent = SentScript(ctx.scripts, ctx.redis, "finish", [keys.buffers], args) if final else None
+        self._delivering = (sent, final, retry)
 
     def _complete_delivery(self) -> None:
         """Read the reply of the chunk delivered last, then hand that chunk to the recorder."""
