@@ -68,9 +68,9 @@ log = logging.getLogger(__name__)
 # sooner once their lines add up to _CHUNK_BYTES: the bound on what a chunk holds in memory
 # when responses (or metadata) are large.
 _CHUNK = 2000
+_CHUNK_BYTES = 8 << 20
 # An outcome to deliver: the line's outcome, the Result's JSON and the provider's usage.
 _Final = tuple[LineOutcome, bytes, object]
-_CHUNK_BYTES = 8 << 20
 # Token counts are recorded in 32-bit integer columns; no real request comes near this.
 MAX_TOKENS = 2**31 - 1
 
