@@ -194,6 +194,8 @@ def test_a_create_whose_answer_is_lost_is_adopted_not_sent_again(ctx: WorkerCont
 def test_no_second_create_while_the_first_may_still_appear(ctx: WorkerContext) -> None:
     # Given a create that failed with a 5xx after taking effect, and a batch list that is
     # slow to show new jobs (the first look after the failure finds nothing)
+    # (a window of 20 s: the fixture's 0.4 s could pass on a loaded machine before the retry)
+    ctx.settings = ctx.settings.model_copy(update={"provider_timeout_seconds": 10.0})
     flaky = use(ctx, faults=Faults(lost_answer_rate=1.0, seed=1))
     submit(ctx)
     (packed,) = pack_due_buffers(ctx)
