@@ -143,7 +143,9 @@ class Result(BaseModel):
     @classmethod
     def from_json(cls, raw: bytes | str) -> Result:
         """Inverse of :meth:`to_json`."""
-        return cls.model_validate(orjson.loads(raw))
+        # The validator itself: model_validate's Python wrapper costs a third as much again,
+        # per result, on a consumer taking thousands a second.
+        return cls.__pydantic_validator__.validate_python(orjson.loads(raw))  # type: ignore[no-any-return]
 
     @staticmethod
     def is_dry_run(response: dict[str, Any] | None) -> bool:
