@@ -6,7 +6,6 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import hiredis
 from redis import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -28,6 +27,7 @@ from producer.record import ResultRecord
 from producer.wakeup import AggregatorWaker
 from shared.embedded_redis import resolve_redis_url
 from shared.redis_layout import Keys, Scripts
+from shared.redis_wire import pack
 from shared.schemas import (
     IdempotencyConflict,
     InvalidRequest,
@@ -179,7 +179,7 @@ class Producer:
             for attempt in range(2):
                 for i in todo:
                     args = ("EVALSHA", sha, 1, self.keys.buffers, *self._args(chunks[i]))
-                    conn.send_packed_command([_pack(args)], check_health=False)  # type: ignore[no-untyped-call]
+                    conn.send_packed_command([pack(args)], check_health=False)  # type: ignore[no-untyped-call]
                 missing = []
                 for i in todo:
                     try:
@@ -261,12 +261,6 @@ class Producer:
         if full:
             self._waker.wake(full)
         return [RequestHandle(request_id, self) for request_id in ids]
-
-
-def _pack(args: tuple[Any, ...]) -> Any:
-    # hiredis encodes a command in C; redis-py's own packer walks every argument in Python
-    # first, which costs more than the rest of submit_many put together.
-    return hiredis.pack_command(args)
 
 
 class PartialSubmitError(RuntimeError):
