@@ -34,7 +34,8 @@ typecheck: install-dev
 test: lint typecheck
 	$(BIN)/python -m pytest -q -m "not slow and not chaos and not soak"
 
-# The end-to-end ledgers (a minute or more each); CI runs them after `make test`.
+# The long end-to-end scenarios (20 s to minutes each: the ledgers, whole stacks started with
+# `batchbridge up`, a fresh install); CI runs them after `make test`.
 test-slow: install-dev
 	$(BIN)/python -m pytest -q -m "slow and not chaos and not soak"
 

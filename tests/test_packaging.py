@@ -31,6 +31,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_the_base_install_is_a_producer_without_worker_or_servers(
     tmp_path: Path, redis_url: str, redis_client: Redis
 ) -> None:

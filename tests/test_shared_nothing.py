@@ -83,6 +83,7 @@ def shared_database() -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 def test_two_workers_with_separate_data_dirs_answer_every_request_once(
     redis_url: str, tmp_path: Path, shared_database: str, start_local_api: LocalApiFactory
 ) -> None:

@@ -79,7 +79,9 @@ def batches(settings: Settings) -> list[Batch]:
     ("api_args", "expect_retries"),
     [
         ([], False),
-        (["--line-error-rate", "0.2", "--fail-rate", "0.1"], True),
+        pytest.param(
+            ["--line-error-rate", "0.2", "--fail-rate", "0.1"], True, marks=pytest.mark.slow
+        ),
         # Batches expire part-way; the unfinished lines go round again, first in line.
         (["--expire-after", "0.6", "--line-delay", "0.004"], True),
     ],

@@ -99,6 +99,7 @@ def _metric(samples: Samples, name: str, **labels: str) -> float:
     )
 
 
+@pytest.mark.slow
 def test_up_runs_a_workload_that_flower_metrics_status_and_cost_report(
     tmp_path: Path, password_redis: str, database: str
 ) -> None:

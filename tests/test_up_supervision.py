@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from shared.embedded_redis import free_port
 from tests.conftest import RedisFactory
@@ -63,6 +64,7 @@ def stop_up(up: subprocess.Popen[str]) -> int:
     return up.wait()
 
 
+@pytest.mark.slow
 def test_up_restarts_a_killed_worker_and_a_killed_redis(tmp_path: Path) -> None:
     # Given `batchbridge up` with its embedded Redis, serving requests
     env = cli_env(tmp_path / "data")
