@@ -22,6 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlmodel import Session, SQLModel, create_engine, select
 
 from shared.models import (
@@ -183,12 +184,15 @@ def upsert_requests(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     # tripled the time). Every value here is a str or int, which drivers take as they are, and
     # rows name every column that has a default, so none is left for SQLAlchemy to fill in.
     compiled = stmt.compile(dialect=dialect, column_keys=list(rows[0]))
+    return int(_execute_many(session, compiled, rows).rowcount)
+
+
+def _execute_many(session: Session, compiled: SQLCompiler, rows: Sequence[dict[str, Any]]) -> Any:
+    """Run a compiled statement once per row through the driver's executemany, as it is."""
     if compiled.positional:
-        params: list[Any] = list(map(itemgetter(*(compiled.positiontup or [])), rows))
-    else:
-        params = list(rows)
-    written = session.connection().exec_driver_sql(str(compiled), params).rowcount
-    return int(written)
+        pick = itemgetter(*(compiled.positiontup or []))
+        return session.connection().exec_driver_sql(str(compiled), list(map(pick, rows)))
+    return session.connection().exec_driver_sql(str(compiled), list(rows))
 
 
 def held_elsewhere(session: Session, batch_id: str, ids: Sequence[str]) -> dict[str, str]:
@@ -259,11 +263,7 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
         }
         for r in rows
     ]
-    if compiled.positional:
-        pick = itemgetter(*(compiled.positiontup or []))
-        session.connection().exec_driver_sql(str(compiled), list(map(pick, params)))
-    else:
-        session.connection().exec_driver_sql(str(compiled), params)
+    _execute_many(session, compiled, params)
 
 
 def take_due_for_submit(

@@ -359,9 +359,10 @@ def buffer_name_of(client: Redis, keys: Keys, number: Any) -> str | None:
     """The buffer a request hash's ``buf`` field (its buffer's number) stands for."""
     if number is None:
         return None
-    if b":" in number:
-        return text(number)  # written before buffers had numbers: the name itself
-    name: Any = client.hget(keys.buffer_names, number)
+    field = text(number)
+    if ":" in field:
+        return field  # written before buffers had numbers: the name itself
+    name: Any = client.hget(keys.buffer_names, field)
     return text(name) if name is not None else None
 
 
