@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from openai import OpenAI
 from pydantic import SecretStr
@@ -25,6 +27,7 @@ from producer import Producer, Result
 from shared.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from tests.conftest import run_local_jobs
 from tests.webhook_receiver import HANG, Receiver, serve_receiver
+from worker import webhook_sender
 from worker.cli import app as cli_app
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
@@ -33,6 +36,7 @@ from worker.packing import pack_due_buffers
 from worker.polling import poll_due_batches
 from worker.webhook_admin import failed_deliveries, replay
 from worker.webhook_sender import SendReport, deliver_due, parse_retry_after
+from worker.webhook_transport import GuardedBackend, GuardedTransport
 
 SECRET = "whsec_" + base64.b64encode(b"batchbridge-test-secret-0001").decode()
 NEW_SECRET = "whsec_" + base64.b64encode(b"batchbridge-test-secret-0002").decode()
@@ -354,3 +358,47 @@ def test_retry_after_as_an_http_date() -> None:
 
     got = parse_retry_after(formatdate(time.time() + 60, usegmt=True))
     assert got is not None and 55 <= got <= 61
+
+
+def test_a_pass_with_nothing_due_builds_no_http_client(
+    hooks: WorkerContext, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an empty outbox, then one delivery that is not due yet (its retry is in an hour)
+    built: list[int] = []
+    real_client = webhook_sender.guarded_client
+
+    def counting_client(*args: object, **kwargs: object) -> object:
+        built.append(1)
+        return real_client(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(webhook_sender, "guarded_client", counting_client)
+    assert send(hooks) == SendReport()
+    (rid,) = cancelled_to(hooks, receiver.url + "/later")
+    seconds, _ = hooks.redis.time()
+    hooks.redis.zadd(hooks.keys.webhook_queue, {rid: (seconds + 3600) * 1000})
+    # When the sender passes over them (as beat has it do every few seconds)
+    assert send(hooks) == SendReport()
+    # Then no client (two TLS contexts, milliseconds of CPU each) was built for either pass
+    assert built == []
+    assert receiver.at("/later") == []
+    # And once the delivery is due, the next pass sends it with a client of its own
+    hooks.redis.zadd(hooks.keys.webhook_queue, {rid: 0})
+    assert send(hooks).delivered == 1
+    assert built == [1]
+
+
+def test_the_guarded_transport_builds_one_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a count of the TLS contexts made
+    made: list[ssl.SSLContext] = []
+    real = ssl.create_default_context
+
+    def counting(*args: object, **kwargs: object) -> ssl.SSLContext:
+        made.append(real(*args, **kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    # When a webhook transport is built
+    transport = GuardedTransport(GuardedBackend(()), httpx.Limits(), None)
+    # Then it made one, and the pool uses it
+    assert len(made) == 1
+    assert transport._pool._ssl_context is made[0]

@@ -92,6 +92,9 @@ async def deliver_due(
     ctx: WorkerContext, *, budget_seconds: float, client: httpx.AsyncClient | None = None
 ) -> SendReport:
     """Send due deliveries until none are due or ``budget_seconds`` have passed."""
+    if not anything_due(ctx):
+        # Most passes find nothing: building a client costs two TLS contexts (~10 ms of CPU).
+        return SendReport()
     own_client = client is None
     http = client or guarded_client(ctx.settings)
     sender = _Sender(ctx, http)
@@ -101,6 +104,15 @@ async def deliver_due(
         if own_client:
             await http.aclose()
     return sender.report
+
+
+def anything_due(ctx: WorkerContext) -> bool:
+    """Whether the outbox holds a delivery due now (on Redis' clock, as due times are)."""
+    first = ctx.redis.zrange(ctx.keys.webhook_queue, 0, 0, withscores=True)
+    if not first:
+        return False
+    seconds, micros = ctx.redis.time()
+    return float(first[0][1]) <= seconds * 1000 + micros // 1000
 
 
 class _Sender:

@@ -104,11 +104,13 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
     def __init__(
         self, backend: GuardedBackend, limits: httpx.Limits, ssl_context: ssl.SSLContext | None
     ) -> None:
-        super().__init__(trust_env=False, limits=limits)
+        context = ssl_context or httpx.create_ssl_context(trust_env=False)
+        # Handed to httpx too, or it would build a second context (milliseconds of CPU each).
+        super().__init__(verify=context, trust_env=False, limits=limits)
         # httpx offers no public way to hand its pool a network backend, so the pool it built
         # is replaced by an equivalent one that uses ours (the one private attribute touched).
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
+            ssl_context=context,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
