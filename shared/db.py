@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     Connection,
     Engine,
@@ -222,6 +224,16 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
     for state in {r["state"] for r in rows}:
         check_request_transition(RequestState.BATCHED, state)
     table = Request.__table__  # type: ignore[attr-defined]
+    dialect = session.get_bind().dialect
+    to_db = table.c.finished_at.type.bind_processor(dialect)
+    times: dict[datetime | None, Any] = {None: None}  # a chunk's rows share one time
+    for r in rows:
+        when = r["finished_at"]
+        if when not in times:
+            times[when] = to_db(when) if to_db else when
+    if dialect.name == "sqlite" and sqlite3.sqlite_version_info >= _SQLITE_JSON_UPDATE_SINCE:
+        _finish_on_sqlite(session, batch_id, rows, times)
+        return
     stmt = (
         update(table)
         .where(table.c.id == bindparam("rid"))
@@ -240,14 +252,7 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
     # As in upsert_requests: compiled once, the driver's executemany is handed plain values.
     # SQLAlchemy's own per-row processing was half the time of a chunk on SQLite, and it
     # holds the GIL that the collector's parser, running beside it, needs.
-    dialect = session.get_bind().dialect
     compiled = stmt.compile(dialect=dialect)
-    to_db = table.c.finished_at.type.bind_processor(dialect)
-    times: dict[datetime | None, Any] = {None: None}  # a chunk's rows share one time
-    for r in rows:
-        when = r["finished_at"]
-        if when not in times:
-            times[when] = to_db(when) if to_db else when
     params = [
         {
             "rid": r["id"],
@@ -264,6 +269,53 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
         for r in rows
     ]
     _execute_many(session, compiled, params)
+
+
+# UPDATE ... FROM (3.33) and JSON functions always built in (3.38).
+_SQLITE_JSON_UPDATE_SINCE = (3, 38, 0)
+_SQLITE_FINISH = """
+UPDATE requests SET
+    state = json_extract(j.value, '$[1]'),
+    error_code = json_extract(j.value, '$[2]'),
+    error_message = json_extract(j.value, '$[3]'),
+    prompt_tokens = json_extract(j.value, '$[4]'),
+    completion_tokens = json_extract(j.value, '$[5]'),
+    finished_at = json_extract(j.value, '$[6]'),
+    result = json_extract(j.value, '$[7]')
+FROM json_each(?) AS j
+WHERE requests.id = json_extract(j.value, '$[0]')
+    AND +requests.batch_id = ? AND +requests.state = ?
+"""
+
+
+def _finish_on_sqlite(
+    session: Session, batch_id: str, rows: Sequence[dict[str, Any]], times: dict[Any, Any]
+) -> None:
+    """``finish_requests`` as one statement over the chunk's rows passed as one JSON array.
+
+    Python's sqlite3 lets go of the GIL around every row's step of an ``executemany``, and each
+    row then waits to get it back from the thread beside it (the collector records a chunk
+    while it parses the next): measured on 50,000 rows, 0.28 s alone and 104 s beside a busy
+    thread. One statement lets go of it once per chunk (0.46 s alone, 0.76 s beside it).
+    The unary ``+`` keeps SQLite on the primary key: by ``batch_id`` it would scan the whole
+    batch once per row.
+    """
+    table = [
+        (
+            r["id"],
+            r["state"],
+            sql_text(r["error_code"]),
+            sql_text(r["error_message"]),
+            r["prompt_tokens"],
+            r["completion_tokens"],
+            times[r["finished_at"]],
+            r.get("result"),
+        )
+        for r in rows
+    ]
+    session.connection().exec_driver_sql(
+        _SQLITE_FINISH, (orjson.dumps(table).decode(), batch_id, RequestState.BATCHED.value)
+    )
 
 
 def take_due_for_submit(

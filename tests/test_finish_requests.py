@@ -1,0 +1,109 @@
+"""Recording outcomes in SQL (``finish_requests``): what is written, what is left alone, and
+on SQLite, one statement per chunk.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from shared.db import finish_requests
+from shared.models import Request
+from worker.context import WorkerContext
+
+WHEN = datetime(2026, 12, 7, 9, 30, 15, 123456, tzinfo=UTC)
+
+
+def outcome(request_id: str, state: str, **fields: Any) -> dict[str, Any]:
+    """One row as the collector hands it over."""
+    return {
+        "id": request_id,
+        "state": state,
+        "error_code": None,
+        "error_message": None,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "finished_at": WHEN,
+        "result": None,
+        **fields,
+    }
+
+
+def recorded(ctx: WorkerContext) -> dict[str, Request]:
+    with ctx.session() as session:
+        return {r.id: r for r in session.query(Request).all()}
+
+
+@pytest.fixture
+def batched(worker_context: WorkerContext) -> WorkerContext:
+    """Four requests batched in b1, one batched in b2, one of b1 already completed."""
+    with worker_context.session() as session:
+        for i in range(4):
+            session.add(Request(id=f"r{i}", batch_id="b1", state="batched", callback_queue="q"))
+        session.add(Request(id="other", batch_id="b2", state="batched"))
+        session.add(Request(id="done", batch_id="b1", state="completed", result='{"kept":1}'))
+        session.commit()
+    return worker_context
+
+
+def test_each_outcome_is_written_and_only_to_requests_still_batched_here(
+    batched: WorkerContext,
+) -> None:
+    # Given outcomes for b1's four requests, and for two requests b1 no longer holds
+    ctx = batched
+    rows = [
+        outcome("r0", "completed", prompt_tokens=12, completion_tokens=34, result='{"a":"é"}'),
+        outcome("r1", "failed", error_code="rate_limit", error_message="busy\x00 now"),
+        outcome("r2", "requeued", finished_at=None),
+        outcome("r3", "cancelled", result='{"status":"cancelled"}'),
+        outcome("other", "completed", result='{"wrong":1}'),
+        outcome("done", "failed", error_code="late"),
+    ]
+    # When they are recorded for b1
+    with ctx.session() as session:
+        finish_requests(session, "b1", rows)
+        session.commit()
+    # Then each of b1's requests carries its outcome, field for field
+    got = recorded(ctx)
+    r0, r1, r2, r3 = (got[f"r{i}"] for i in range(4))
+    assert (r0.state, r0.prompt_tokens, r0.completion_tokens) == ("completed", 12, 34)
+    assert r0.result == '{"a":"é"}' and r0.error_code is None
+    assert r0.finished_at is not None and r0.finished_at.replace(tzinfo=UTC) == WHEN
+    # (PostgreSQL refuses NUL: it is replaced, on every database alike)
+    assert (r1.state, r1.error_code, r1.error_message) == ("failed", "rate_limit", "busy\ufffd now")
+    assert (r2.state, r2.finished_at, r2.result) == ("requeued", None, None)
+    assert (r3.state, r3.result) == ("cancelled", '{"status":"cancelled"}')
+    assert all(r.callback_queue == "q" for r in (r0, r1, r2, r3))
+    # And the request another batch holds, and the one already finished, are as they were
+    assert (got["other"].state, got["other"].result) == ("batched", None)
+    assert (got["done"].state, got["done"].error_code) == ("completed", None)
+    assert got["done"].result == '{"kept":1}'
+
+
+def test_on_sqlite_a_chunk_is_one_statement(batched: WorkerContext, database_url: str) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("the single statement is SQLite's; PostgreSQL's driver pipelines the rows")
+    # Given a count of the statements the database is sent
+    ctx = batched
+    sent: list[bool] = []
+
+    def count(conn: Any, cursor: Any, sql: str, params: Any, context: Any, many: bool) -> None:
+        if sql.lstrip().upper().startswith("UPDATE"):
+            sent.append(many)
+
+    event.listen(ctx.engine, "before_cursor_execute", count)
+    try:
+        # When four outcomes are recorded
+        with ctx.session() as session:
+            finish_requests(session, "b1", [outcome(f"r{i}", "completed") for i in range(4)])
+            session.commit()
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", count)
+    # Then they went as one UPDATE, not an executemany: sqlite3 lets go of the GIL around
+    # every row of an executemany, and each row then waits for it behind the thread beside
+    # it (the collector parses the next chunk while this one is recorded)
+    assert sent == [False]
+    assert {r.state for r in recorded(ctx).values() if r.batch_id == "b1"} == {"completed"}
