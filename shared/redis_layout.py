@@ -85,6 +85,7 @@ _SCRIPT_NAMES = (
     "claim_webhooks",
     "settle_webhook",
     "request_fields",
+    "batch_strays",
     "upgrade_buffer",
 )
 # Requests per request_fields call: one reply stays a few MB even for large metadata.

@@ -31,6 +31,7 @@ from worker.orphans import return_orphans
 from worker.packing import pack_due_buffers
 from worker.reconciler import (
     DATA_LOST,
+    batch_ownership,
     batch_still_owns_requests,
     reconcile,
 )
@@ -409,3 +410,30 @@ def test_a_result_whose_time_to_live_ran_out_is_not_delivered_again(ctx: WorkerC
     # Then nothing is restored or delivered again
     assert report.restored == 0
     assert len(stream_results(ctx)) == 3
+
+
+def test_ownership_sorts_each_request_by_where_redis_holds_it(ctx: WorkerContext) -> None:
+    # Given a batch of six requests in the record, which Redis holds in every way it can
+    ids = [f"own{i}" for i in range(6)]
+    with ctx.session() as session:
+        session.add(
+            Batch(id="b1", provider="local", model="m-a", state="packed", request_count=6, bytes=0)
+        )
+        for request_id in ids:
+            session.add(Request(id=request_id, batch_id="b1", state="batched"))
+        session.commit()
+    held = {"own0": ("batched", "b1"), "own1": ("pending", ""), "own2": ("batched", "b2")}
+    held |= {"own3": ("done", "b1"), "own5": ("batched", "b1")}  # own4: no hash at all
+    for request_id, (state, batch) in held.items():
+        ctx.redis.hset(ctx.keys.request(request_id), mapping={"state": state, "batch": batch})
+    # When the check before creating the provider job looks
+    with ctx.session() as session:
+        batch = session.get(Batch, "b1")
+    assert batch is not None
+    ownership = batch_ownership(ctx, batch)
+    # Then each request is where Redis has it, and the batch is not safe to send
+    assert ownership.owned == ["own0", "own5"]
+    assert ownership.pending == ["own1"]
+    assert ownership.elsewhere == ["own2", "own3"]
+    assert ownership.missing == ["own4"]
+    assert not ownership.intact

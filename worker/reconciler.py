@@ -355,12 +355,16 @@ def batch_ownership(ctx: WorkerContext, batch: Batch) -> Ownership:
     for chunk in _request_chunks(ctx, batch.id):
         rows += len(chunk)
         ids = [r[0] for r in chunk]
-        for request_id, (state, in_batch, _buf) in zip(ids, _redis_states(ctx, ids), strict=True):
-            if state == "batched" and in_batch == batch.id:
+        strays = _strays(ctx, batch.id, ids)
+        if not strays:
+            owned += ids  # the usual case: Redis holds every one under this batch
+            continue
+        for i, request_id in enumerate(ids):
+            if i not in strays:
                 owned.append(request_id)
-            elif state == "pending":
+            elif strays[i] == "pending":
                 pending.append(request_id)
-            elif state is None:
+            elif strays[i] is None:
                 missing.append(request_id)
             else:
                 elsewhere.append(request_id)
@@ -468,6 +472,15 @@ def _bodies_exist(ctx: WorkerContext, bufs: dict[str, str]) -> dict[str, bool]:
     for request_id, buf in bufs.items():
         pipe.hexists(ctx.keys.bodies(buf), request_id)
     return dict(zip(bufs, (bool(v) for v in pipe.execute()), strict=True))
+
+
+def _strays(ctx: WorkerContext, batch_id: str, ids: Sequence[str]) -> dict[int, str | None]:
+    """Position -> Redis state (None: no hash) of the ids not batched under ``batch_id``."""
+    reply = ctx.scripts.run("batch_strays", [], [ctx.keys.base, batch_id, *ids])
+    return {
+        int(reply[i]) - 1: None if reply[i + 1] is None else text(reply[i + 1])
+        for i in range(0, len(reply), 2)
+    }
 
 
 def _redis_states(ctx: WorkerContext, ids: Sequence[str]) -> list[tuple[str | None, ...]]:
