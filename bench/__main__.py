@@ -16,6 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
+from bench import ceiling
 from bench._common import bench_redis, environment
 from bench.harness import ROOT, Bench
 from bench.report import CaseResult, write
@@ -87,6 +88,7 @@ def main() -> int:
             if result.error:
                 print(f"FAIL  {name} crashed", flush=True)
             print(f"   ({result.seconds:.0f} s)", flush=True)
+    ceiling.annotate(results)
     bench.facts["elapsed_s"] = round(time.perf_counter() - started)
     title = "batchbridge benchmarks" + (" (smoke sizes)" if args.smoke else "")
     path = write(results, bench.facts, stem, title)

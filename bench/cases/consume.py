@@ -16,7 +16,7 @@ from typing import Any
 from redis import Redis
 
 from bench._common import median, quartiles
-from bench.harness import Bench
+from bench.harness import Bench, redis_cpu_seconds
 from bench.report import CaseResult
 from producer import CallbackQueue
 from shared.redis_layout import CALLBACK_GROUP, Keys
@@ -63,6 +63,13 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
+def cpu_used(client: Redis, fn: Callable[[], int]) -> tuple[float, float, int]:
+    """``timed``, and the CPU seconds this process and the Redis server spent meanwhile."""
+    cpu, redis_cpu = time.process_time(), redis_cpu_seconds(client)
+    took, n = timed(fn)
+    return took, time.process_time() - cpu + redis_cpu_seconds(client) - redis_cpu, n
+
+
 def run(bench: Bench) -> CaseResult:
     """Alternate the two sides over the rounds; then one-at-a-time once, on a tenth."""
     result = CaseResult("consume")
@@ -104,6 +111,7 @@ def run(bench: Bench) -> CaseResult:
 
         ratios: list[float] = []
         rates: dict[str, list[float]] = {"ours": [], "raw": []}
+        cpu_us: list[float] = []  # ours, client and Redis, per result
         for round_ in range(rounds):
             sides = [("ours", ours), ("raw", raw)]
             if round_ % 2:
@@ -111,7 +119,9 @@ def run(bench: Bench) -> CaseResult:
             seconds: dict[str, float] = {}
             for name, fn in sides:
                 fill(client, raw_key if name == "raw" else key, n)
-                took, count = timed(fn)
+                took, cpu, count = cpu_used(client, fn)
+                if name == "ours":
+                    cpu_us.append(cpu / n * 1e6)
                 # A side that skipped entries would look fast.
                 if count != n:
                     raise AssertionError(f"{name} consumed {count} of {n} results")
@@ -134,9 +144,10 @@ def run(bench: Bench) -> CaseResult:
         "results/s",
         baseline=f"XREADGROUP COUNT {CHUNK} + XACK + XDEL",
         baseline_value=median(rates["raw"]),
-        detail=f"ratio IQR {q1:.2f}-{q3:.2f} over {len(ratios)} rounds",
+        detail=f"ratio IQR {q1:.2f}-{q3:.2f} over {len(ratios)} rounds; CPU "
+        f"{median(cpu_us):.1f} us per result (this process and Redis)",
     )
     result.measure("get + ack, one at a time", single, "results/s", detail=f"{n // 10:,} results")
     result.target("get_many + ack_many vs raw XREADGROUP + XACK", ratio, TARGET, "min", "x")
-    result.data = {"ratios": ratios, "rates": rates, "single_rate": single}
+    result.data = {"ratios": ratios, "rates": rates, "single_rate": single, "cpu_us": cpu_us}
     return result
