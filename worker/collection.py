@@ -252,6 +252,7 @@ class _FanOut:
     ) -> None:
         self.ctx = ctx
         self.batch = batch
+        self.batch_id = batch.id  # read once per result: an ORM attribute costs a lookup
         self.attempts = attempts
         self.problems = problems
         self.dry_run = False  # an echo engine answered: its tokens cost nothing
@@ -326,7 +327,7 @@ class _FanOut:
                 retry.append(o)
             else:
                 ready.append((o, meta, False))
-        args: list[Any] = [keys.base, ctx.settings.result_ttl_seconds, self.batch.id]
+        args: list[Any] = [keys.base, ctx.settings.result_ttl_seconds, self.batch_id]
         final: list[_Final] = []
         for o, meta, cancelled in ready:
             # A request failed for its encoding still used (and cost) the provider's tokens.
@@ -340,7 +341,7 @@ class _FanOut:
         if retry:
             # A batch that never reached the provider costs its requests no attempt.
             _, gone = requeue_or_cancel(
-                ctx, self.batch.id, [o.request_id for o in retry], counts=not unsent
+                ctx, self.batch_id, [o.request_id for o in retry], counts=not unsent
             )
             retry = [o for o in retry if o.request_id not in gone]
         self._complete_delivery()
@@ -398,7 +399,7 @@ class _FanOut:
             metadata = None
         result = cancelled_result(
             o.request_id,
-            batch_id=self.batch.id,
+            batch_id=self.batch_id,
             attempts=self.attempts[o.request_id],
             metadata=metadata,
             # What the provider reports it used: it may bill this request all the same.
@@ -414,7 +415,7 @@ class _FanOut:
             return o, self._encode(o, meta)
         except Exception as exc:
             log.error(
-                "batch %s: result of %s cannot be encoded: %s", self.batch.id, o.request_id, exc
+                "batch %s: result of %s cannot be encoded: %s", self.batch_id, o.request_id, exc
             )
             reason = f"the result could not be encoded: {exc}"
             failed = LineOutcome(
@@ -439,7 +440,7 @@ class _FanOut:
             response=o.response,
             error=o.error,
             usage=usage if isinstance(usage, dict) else None,
-            batch_id=self.batch.id,
+            batch_id=self.batch_id,
             attempts=self.attempts[o.request_id],
             metadata=orjson.loads(meta) if meta else None,
             # Said in the Result itself, so a consumer never takes echo text for an answer.
@@ -485,7 +486,7 @@ class _FanOut:
             for o in retry
         ]
         with self.ctx.session() as session:
-            finish_requests(session, self.batch.id, rows)
+            finish_requests(session, self.batch_id, rows)
             session.commit()
 
 
