@@ -4,6 +4,8 @@ on SQLite, one statement per chunk.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,11 +85,11 @@ def test_each_outcome_is_written_and_only_to_requests_still_batched_here(
     assert got["done"].result == '{"kept":1}'
 
 
-def test_on_sqlite_a_chunk_is_one_statement(batched: WorkerContext, database_url: str) -> None:
+@contextmanager
+def updates_sent(ctx: WorkerContext, database_url: str) -> Iterator[list[bool]]:
+    """Each UPDATE sent to SQLite while the block runs: True where it was an executemany."""
     if not database_url.startswith("sqlite"):
         pytest.skip("the single statement is SQLite's; PostgreSQL's driver pipelines the rows")
-    # Given a count of the statements the database is sent
-    ctx = batched
     sent: list[bool] = []
 
     def count(conn: Any, cursor: Any, sql: str, params: Any, context: Any, many: bool) -> None:
@@ -96,14 +98,38 @@ def test_on_sqlite_a_chunk_is_one_statement(batched: WorkerContext, database_url
 
     event.listen(ctx.engine, "before_cursor_execute", count)
     try:
-        # When four outcomes are recorded
-        with ctx.session() as session:
-            finish_requests(session, "b1", [outcome(f"r{i}", "completed") for i in range(4)])
-            session.commit()
+        yield sent
     finally:
         event.remove(ctx.engine, "before_cursor_execute", count)
+
+
+def test_on_sqlite_a_chunk_is_one_statement(batched: WorkerContext, database_url: str) -> None:
+    # Given a count of the statements the database is sent
+    ctx = batched
+    # When four outcomes are recorded
+    with updates_sent(ctx, database_url) as sent, ctx.session() as session:
+        finish_requests(session, "b1", [outcome(f"r{i}", "completed") for i in range(4)])
+        session.commit()
     # Then they went as one UPDATE, not an executemany: sqlite3 lets go of the GIL around
     # every row of an executemany, and each row then waits for it behind the thread beside
     # it (the collector parses the next chunk while this one is recorded)
     assert sent == [False]
     assert {r.state for r in recorded(ctx).values() if r.batch_id == "b1"} == {"completed"}
+
+
+def test_on_sqlite_large_results_go_a_megabyte_or_so_per_statement(
+    batched: WorkerContext, database_url: str
+) -> None:
+    # Given four results of 400 KB each (large metadata)
+    ctx = batched
+    big = {f"r{i}": '{"metadata":"' + str(i) * 400_000 + '"}' for i in range(4)}
+    # When they are recorded
+    with updates_sent(ctx, database_url) as sent, ctx.session() as session:
+        rows = [outcome(rid, "completed", result=res) for rid, res in big.items()]
+        finish_requests(session, "b1", rows)
+        session.commit()
+    # Then no statement carried much more than a megabyte of them (each copy of a statement's
+    # JSON is held at once), and every result is recorded whole
+    assert sent == [False, False]
+    got = recorded(ctx)
+    assert {rid: got[rid].result for rid in big} == big
