@@ -22,9 +22,12 @@ from producer.callback_protocol import (
     check_max,
     delivery_ids,
     lost_group,
+    read_command,
 )
 from shared.embedded_redis import resolve_redis_url
+from shared.gc_pause import gc_paused
 from shared.redis_layout import CALLBACK_GROUP, script_source
+from shared.redis_wire import call_async, transaction_async
 from shared.schemas import Result
 from shared.settings import Settings
 
@@ -111,11 +114,14 @@ class AsyncCallbackQueue:
                     continue
             # None once the deadline has passed: look once more, without waiting
             wait_ms = self._reader.wait_ms(deadline)
-            reply = await self._client.xreadgroup(
-                CALLBACK_GROUP, self.consumer, {self.key: ">"}, count=want, block=wait_ms
-            )
-            if taken := self._reader.read_new(reply):
-                return self._deliveries(taken)
+            command = read_command(self.consumer, self.key, want, wait_ms)
+            reply = await call_async(self._client, command)
+            # As the sync queue: parsing and wrapping allocate a dozen containers per result,
+            # a third faster with the collector paused (no await in between).
+            with gc_paused():
+                deliveries = self._deliveries(self._reader.read_new(reply))
+            if deliveries:
+                return deliveries
             if wait_ms is None:
                 return []
 
@@ -145,10 +151,10 @@ class AsyncCallbackQueue:
         ids = delivery_ids(deliveries)
         if not ids:
             return 0
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.xack(self.key, CALLBACK_GROUP, *ids)
-            pipe.xdel(self.key, *ids)
-            acked, _deleted = await pipe.execute()
+        acked, _deleted = await transaction_async(
+            self._client,
+            [("XACK", self.key, CALLBACK_GROUP, *ids), ("XDEL", self.key, *ids)],
+        )
         return int(acked)
 
     async def backlog(self) -> int:

@@ -63,6 +63,18 @@ def block_slice_ms(connection_kwargs: Mapping[str, Any]) -> int:
     return 60_000 if socket_timeout is None else max(int(socket_timeout * 500), 10)
 
 
+def read_command(
+    consumer: str, key: str, want: int, block_ms: int | None = None
+) -> tuple[Any, ...]:
+    """XREADGROUP of up to ``want`` new results, to send raw (see ``shared.redis_wire``)."""
+    # redis-py's reply callback would rebuild each entry as a tuple and a dict.
+    block = () if block_ms is None else ("BLOCK", block_ms)
+    return (
+        "XREADGROUP", "GROUP", CALLBACK_GROUP, consumer, "COUNT", want, *block,
+        "STREAMS", key, ">",
+    )  # fmt: skip
+
+
 def lost_group(exc: ResponseError) -> bool:
     """Whether Redis lost the queue's stream or consumer group (a wipe, a restore, a failover)."""
     return "NOGROUP" in str(exc)

@@ -29,6 +29,7 @@ from producer.callback_protocol import (
     check_max,
     delivery_ids,
     lost_group,
+    read_command,
 )
 from shared.embedded_redis import resolve_redis_url
 from shared.gc_pause import gc_paused
@@ -168,7 +169,9 @@ class CallbackQueue:
             # blocked: other threads allocate.
             with gc_paused():
                 deliveries = self._deliveries(
-                    self._reader.read_new(call(self._client, self._read_command(want)))
+                    self._reader.read_new(
+                        call(self._client, read_command(self.consumer, self.key, want))
+                    )
                 )
             if deliveries:
                 return deliveries
@@ -176,17 +179,9 @@ class CallbackQueue:
             wait_ms = self._reader.wait_ms(deadline)
             if wait_ms is None:
                 return []
-            reply = call(self._client, self._read_command(want, wait_ms))
+            reply = call(self._client, read_command(self.consumer, self.key, want, wait_ms))
             if taken := self._reader.read_new(reply):
                 return self._deliveries(taken)
-
-    def _read_command(self, want: int, block_ms: int | None = None) -> tuple[Any, ...]:
-        # Read raw (redis-py's reply callback would rebuild each entry as a tuple and dict).
-        block = () if block_ms is None else ("BLOCK", block_ms)
-        return (
-            "XREADGROUP", "GROUP", CALLBACK_GROUP, self.consumer, "COUNT", want, *block,
-            "STREAMS", self.key, ">",
-        )  # fmt: skip
 
     def __iter__(self) -> Iterator[Delivery]:
         """Every result in turn, fetched a chunk at a time; ack each one."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import hiredis
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 
 def pack(command: Sequence[Any]) -> bytes:
@@ -32,9 +33,28 @@ def transaction(client: Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
 
     A reply that is an error raises, as a redis-py pipeline's would.
     """
-    packed = [pack(("MULTI",)), *(pack(c) for c in commands), pack(("EXEC",))]
-    # Replies: OK to MULTI, QUEUED per command, then EXEC's list of the commands' replies.
+    packed = _multi_exec(commands)
     replies = _on_connection(client, lambda conn: _send_and_read(conn, packed, len(packed))[-1])
+    return _checked(replies)
+
+
+async def call_async(client: AsyncRedis, command: Sequence[Any]) -> Any:
+    """:func:`call` for an asyncio client."""
+    return (await _on_async_connection(client, [pack(command)], 1))[0]
+
+
+async def transaction_async(client: AsyncRedis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """:func:`transaction` for an asyncio client."""
+    packed = _multi_exec(commands)
+    return _checked((await _on_async_connection(client, packed, len(packed)))[-1])
+
+
+def _multi_exec(commands: Sequence[Sequence[Any]]) -> list[bytes]:
+    # Replies: OK to MULTI, QUEUED per command, then EXEC's list of the commands' replies.
+    return [pack(("MULTI",)), *(pack(c) for c in commands), pack(("EXEC",))]
+
+
+def _checked(replies: Any) -> list[Any]:
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
@@ -57,3 +77,21 @@ def _on_connection(client: Redis, run: Callable[[Any], Any]) -> Any:
         raise
     finally:
         pool.release(conn)
+
+
+async def _on_async_connection(client: AsyncRedis, packed: list[bytes], n_replies: int) -> Any:
+    pool = client.connection_pool
+    conn: Any = await pool.get_connection()  # type: ignore[no-untyped-call]
+
+    async def attempt() -> list[Any]:
+        await conn.send_packed_command(packed, check_health=False)
+        return [await conn.read_response() for _ in range(n_replies)]
+
+    try:
+        # As _on_connection; a task cancelled between sending and reading also drops it.
+        return await conn.retry.call_with_retry(attempt, lambda _error: conn.disconnect())
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
