@@ -9,18 +9,22 @@ alternating. The median of the per-round ratios is judged.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from bench._common import median, quartiles
 from bench.harness import Bench, redis_cpu_seconds
 from bench.report import CaseResult
 from producer import CallbackQueue
+from producer.aio_callback_queue import AsyncCallbackQueue
 from shared.redis_layout import CALLBACK_GROUP, Keys
 from shared.schemas import Result
+from shared.settings import Settings
 
 QUEUE = "bench"
 CHUNK = 500
@@ -68,6 +72,56 @@ def cpu_used(client: Redis, fn: Callable[[], int]) -> tuple[float, float, int]:
     cpu, redis_cpu = time.process_time(), redis_cpu_seconds(client)
     took, n = timed(fn)
     return took, time.process_time() - cpu + redis_cpu_seconds(client) - redis_cpu, n
+
+
+def async_rates(
+    client: Redis, url: str, settings: Settings, n: int, rounds: int
+) -> dict[str, list[float]]:
+    """The same two sides from asyncio code, alternating: AsyncCallbackQueue and redis.asyncio."""
+    keys = Keys(settings.key_prefix)
+    key, raw_key = keys.callback("async"), keys.callback("async-raw")
+
+    async def both() -> dict[str, list[float]]:
+        rates: dict[str, list[float]] = {"ours": [], "raw": []}
+        async with (
+            AsyncCallbackQueue("async", settings=settings) as queue,
+            AsyncRedis.from_url(url) as raw_client,
+        ):
+            await queue.get_many(1, timeout=0)
+            await raw_client.xgroup_create(raw_key, CALLBACK_GROUP, id="$", mkstream=True)
+
+            async def ours() -> int:
+                count = 0
+                while chunk := await queue.get_many(CHUNK, timeout=0):
+                    count += await queue.ack_many(chunk)
+                return count
+
+            async def raw() -> int:
+                count = 0
+                while True:
+                    reply = await raw_client.xreadgroup(
+                        CALLBACK_GROUP, "c", {raw_key: ">"}, count=CHUNK
+                    )
+                    if not reply or not reply[0][1]:
+                        return count
+                    ids = [entry_id for entry_id, _fields in reply[0][1]]
+                    async with raw_client.pipeline(transaction=True) as pipe:
+                        pipe.xack(raw_key, CALLBACK_GROUP, *ids)
+                        pipe.xdel(raw_key, *ids)
+                        acked, _ = await pipe.execute()
+                    count += int(acked)
+
+            for round_ in range(rounds):
+                sides = [("ours", ours, key), ("raw", raw, raw_key)]
+                for name, side, stream in sides[:: -1 if round_ % 2 else 1]:
+                    fill(client, stream, n)
+                    started = time.perf_counter()
+                    if (count := await side()) != n:
+                        raise AssertionError(f"async {name} consumed {count} of {n} results")
+                    rates[name].append(n / (time.perf_counter() - started))
+        return rates
+
+    return asyncio.run(both())
 
 
 def run(bench: Bench) -> CaseResult:
@@ -148,6 +202,23 @@ def run(bench: Bench) -> CaseResult:
         f"{median(cpu_us):.1f} us per result (this process and Redis)",
     )
     result.measure("get + ack, one at a time", single, "results/s", detail=f"{n // 10:,} results")
+    with bench.client() as client:
+        async_ = async_rates(client, bench.redis_url, settings, n, bench.size(3, 1))
+    ratios_async = [o / r for o, r in zip(async_["ours"], async_["raw"], strict=True)]
+    result.measure(
+        f"asyncio: get_many({CHUNK}) + ack_many, {n:,} results",
+        median(async_["ours"]),
+        "results/s",
+        baseline=f"redis.asyncio XREADGROUP COUNT {CHUNK} + XACK + XDEL",
+        baseline_value=median(async_["raw"]),
+        detail="AsyncCallbackQueue; ratio per round " + ", ".join(f"{r:.2f}" for r in ratios_async),
+    )
     result.target("get_many + ack_many vs raw XREADGROUP + XACK", ratio, TARGET, "min", "x")
-    result.data = {"ratios": ratios, "rates": rates, "single_rate": single, "cpu_us": cpu_us}
+    result.data = {
+        "ratios": ratios,
+        "rates": rates,
+        "single_rate": single,
+        "cpu_us": cpu_us,
+        "async_rates": async_,
+    }
     return result
