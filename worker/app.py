@@ -13,6 +13,7 @@ from celery import Celery, signals
 from shared import task_names
 from shared.embedded_redis import resolve_redis_url
 from shared.settings import Settings
+from worker.beat_scheduler import PATH as BEAT_SCHEDULER
 from worker.broker import TRANSPORT_PATH
 from worker.log_format import adapt_handlers
 
@@ -59,6 +60,7 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         "task_send_sent_event": True,
         "beat_schedule": beat_schedule(settings),
         "beat_max_loop_interval": 5,
+        "beat_scheduler": BEAT_SCHEDULER,
         # Under the data directory (created at worker start), not the current directory.
         "beat_schedule_filename": str(settings.data_dir / "celerybeat-schedule"),
         "timezone": "UTC",
