@@ -11,6 +11,7 @@ from typing import BinaryIO
 # Beyond this depth a bucket is loaded whatever its size; random scattering makes reaching it
 # astronomically unlikely unless a few single lines are themselves huge.
 _MAX_DEPTH = 6
+_BUFFER_BYTES = 256 << 10
 
 
 class BucketShuffler:
@@ -47,8 +48,11 @@ class BucketShuffler:
         index = int(self._rng.random() * self._fan_out)
         bucket = self._buckets.get(index)
         if bucket is None:
-            # Opened lazily so a handful of lines costs a handful of files.
-            bucket = self._buckets[index] = open(self._workdir / f"b{index}", "wb")  # noqa: SIM115
+            # Opened lazily so a handful of lines costs a handful of files. A 256 KB buffer
+            # (not 8 KB), with the output file's 1 MB, took an echo job of 50,000 lines from
+            # 12.9-13.3 to 11.7-12.0 us of CPU per line, for at most 4 MB per shuffler.
+            path = self._workdir / f"b{index}"
+            bucket = self._buckets[index] = open(path, "wb", buffering=_BUFFER_BYTES)  # noqa: SIM115
         bucket.write(line)
         self.count += 1
 
