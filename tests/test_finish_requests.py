@@ -1,19 +1,22 @@
 """Recording outcomes in SQL (``finish_requests``): what is written, what is left alone, and
-on SQLite, one statement per chunk.
+on SQLite, one statement per chunk, in a record of 16 KB pages.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event
 
-from shared.db import finish_requests
+from shared.db import finish_requests, make_engine
 from shared.models import Request
+from shared.settings import Settings
 from worker.context import WorkerContext
 
 WHEN = datetime(2026, 12, 7, 9, 30, 15, 123456, tzinfo=UTC)
@@ -133,3 +136,29 @@ def test_on_sqlite_large_results_go_a_megabyte_or_so_per_statement(
     assert sent == [False, False]
     got = recorded(ctx)
     assert {rid: got[rid].result for rid in big} == big
+
+
+def test_a_new_sqlite_record_has_16_kb_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    # Given an existing record made with SQLite's default 4 KB pages, and none yet beside it
+    old = tmp_path / "old" / "batchbridge.sqlite3"
+    old.parent.mkdir()
+    with closing(sqlite3.connect(old)) as db:
+        db.execute("CREATE TABLE before_us (x)")
+        db.commit()
+    # When the worker opens each
+    pages = {}
+    for name in ("old", "new"):
+        settings = Settings.load(
+            data_dir=str(tmp_path / name),
+            database_url=f"sqlite:///{tmp_path / name / 'batchbridge.sqlite3'}",
+        )
+        engine = make_engine(settings)
+        with engine.connect() as connection:
+            pages[name] = connection.exec_driver_sql("PRAGMA page_size").scalar()
+        engine.dispose()
+    # Then the new record has 16 KB pages (its rows grow by whole results as batches are
+    # collected), and the old one keeps its 4 KB pages, with its schema brought up to date
+    assert pages == {"old": 4096, "new": 16384}
+    with closing(sqlite3.connect(old)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert {"before_us", "requests", "batches"} <= tables
