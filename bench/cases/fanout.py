@@ -362,7 +362,7 @@ def run_jobs_child(config: dict[str, Any]) -> dict[str, Any]:
         provider = ctx.provider("local")
         assert isinstance(provider, LocalProvider)
         faults = Faults(line_error_rate=config["line_error_rate"], seed=config["seed"])
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for job in provider.store.list_jobs():
             if not job.is_terminal:
                 # What the worker's local-run task does, called directly: no Celery here.
@@ -372,7 +372,7 @@ def run_jobs_child(config: dict[str, Any]) -> dict[str, Any]:
                 with ctx.session() as session:
                     poll_now(session, job.id, ctx.now())
                     session.commit()
-        run_seconds = time.perf_counter() - started
+        run_seconds, run_cpu = time.perf_counter() - started, time.process_time() - cpu
         finished = poll_due_batches(ctx)
         if sorted(finished) != sorted(submitted):
             raise AssertionError(f"submitted {submitted}, the provider finished {finished}")
@@ -390,7 +390,14 @@ def run_jobs_child(config: dict[str, Any]) -> dict[str, Any]:
                     "output_lines": _count_lines(out),
                     "error_lines": _count_lines(err),
                 }
-        return {"run_seconds": run_seconds, "batches": batches}
+        lines = sum(b["output_lines"] + b["error_lines"] for b in batches.values())
+        return {
+            "run_seconds": run_seconds,
+            # The provider's share of a request: what the echo engine's jobs cost per line.
+            "run_cpu_seconds": run_cpu,
+            "lines": lines,
+            "batches": batches,
+        }
     finally:
         ctx.close()
 
