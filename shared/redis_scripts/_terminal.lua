@@ -19,15 +19,22 @@
 -- The counters are in the same step, so each outcome is counted exactly once: bb_terminal
 -- adds them up in Lua and bb_flush writes each field once, which a script using bb_terminal
 -- calls before it returns (a 2,000-request finish writes a handful of fields, not 6,000).
-local BB_NOW_MS = nil
+local BB_NOW_MS = nil  -- the script's instant, as TIME gives it (ms, a string) ...
+local BB_NOW_N = nil   -- ... and as a number
 local BB_COUNTS = {}  -- {p}:counters field -> increment
 local BB_QUEUES = {}  -- callback queue names seen
+-- Names built once per script call rather than once per request (a 2,000-request finish
+-- concatenated each of them 2,000 times): counter fields by outcome, keys by buffer/queue.
+local BB_OUTCOME_FIELDS = {}
+local BB_BODIES_KEYS = {}
+local BB_STREAM_KEYS = {}
 
 local function bb_now_ms()
   -- A script runs as one instant: one TIME per call, not one per request.
   if not BB_NOW_MS then
     local t = redis.call('TIME')
     BB_NOW_MS = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+    BB_NOW_N = tonumber(BB_NOW_MS)
   end
   return BB_NOW_MS
 end
@@ -50,22 +57,37 @@ end
 -- Upper bounds (s) of the latency buckets; shared/counters.py LATENCY_BUCKETS has the same.
 local BB_LATENCY_BUCKETS = {1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400,
                             28800, 86400}
+local BB_LATENCY_MS = {}
+for i, bound in ipairs(BB_LATENCY_BUCKETS) do BB_LATENCY_MS[i] = bound * 1000 end
+
+-- The counter fields of one outcome: requests:{outcome}, lat_ms:{outcome}, and per bucket
+-- lat:{outcome}:{le} (the last one '+Inf').
+local function bb_outcome_fields(outcome)
+  local fields = BB_OUTCOME_FIELDS[outcome]
+  if not fields then
+    fields = {requests = 'requests:' .. outcome, sum = 'lat_ms:' .. outcome, le = {}}
+    for i, bound in ipairs(BB_LATENCY_BUCKETS) do
+      fields.le[i] = 'lat:' .. outcome .. ':' .. tostring(bound)
+    end
+    fields.le[#BB_LATENCY_BUCKETS + 1] = 'lat:' .. outcome .. ':+Inf'
+    BB_OUTCOME_FIELDS[outcome] = fields
+  end
+  return fields
+end
 
 local function bb_count_outcome(req, outcome, enq)
-  bb_count('requests:' .. outcome, 1)
+  local fields = bb_outcome_fields(outcome)
+  bb_count(fields.requests, 1)
   if enq == nil then enq = redis.call('HGET', req, 'enq') end
   enq = tonumber(enq)
   if not enq then return end  -- a hash rebuilt from the record: its submit time is unknown
-  local ms = math.floor(math.max(tonumber(bb_now_ms()) - enq, 0))
-  local le = '+Inf'
-  for _, bound in ipairs(BB_LATENCY_BUCKETS) do
-    if ms <= bound * 1000 then
-      le = tostring(bound)
-      break
-    end
-  end
-  bb_count('lat:' .. outcome .. ':' .. le, 1)
-  bb_count('lat_ms:' .. outcome, ms)
+  bb_now_ms()
+  local ms = math.floor(math.max(BB_NOW_N - enq, 0))
+  -- The smallest bucket that holds it; past the last bound, '+Inf'.
+  local i, n = 1, #BB_LATENCY_MS
+  while i <= n and ms > BB_LATENCY_MS[i] do i = i + 1 end
+  bb_count(fields.le[i], 1)
+  bb_count(fields.sum, ms)
 end
 
 -- enq: the request's enqueue time when the caller already read it (nil: read here).
@@ -73,10 +95,22 @@ local function bb_terminal(prefix, id, buf, cbq, wh, outcome, result, ttl, unrec
   local req = prefix .. 'req:' .. id
   bb_count_outcome(req, outcome, enq)
   redis.call('HSET', req, 'state', 'done', 'outcome', outcome, 'result', result)
-  if buf and buf ~= '' then redis.call('HDEL', prefix .. 'bodies:' .. buf, id) end
+  if buf and buf ~= '' then
+    local bodies = BB_BODIES_KEYS[buf]
+    if not bodies then
+      bodies = prefix .. 'bodies:' .. buf
+      BB_BODIES_KEYS[buf] = bodies
+    end
+    redis.call('HDEL', bodies, id)
+  end
   redis.call('EXPIRE', req, ttl)
   if cbq and cbq ~= '' then
-    redis.call('XADD', prefix .. 'cb:' .. cbq, '*', 'result', result)
+    local stream = BB_STREAM_KEYS[cbq]
+    if not stream then
+      stream = prefix .. 'cb:' .. cbq
+      BB_STREAM_KEYS[cbq] = stream
+    end
+    redis.call('XADD', stream, '*', 'result', result)
     BB_QUEUES[cbq] = true
   end
   if wh and wh ~= '' then
