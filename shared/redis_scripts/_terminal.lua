@@ -90,27 +90,27 @@ local function bb_count_outcome(req, outcome, enq)
   bb_count(fields.sum, ms)
 end
 
+-- prefix .. kind .. name, concatenated once per name in a script call.
+local function bb_cached_key(cache, prefix, kind, name)
+  local key = cache[name]
+  if not key then
+    key = prefix .. kind .. name
+    cache[name] = key
+  end
+  return key
+end
+
 -- enq: the request's enqueue time when the caller already read it (nil: read here).
 local function bb_terminal(prefix, id, buf, cbq, wh, outcome, result, ttl, unrecorded, enq)
   local req = prefix .. 'req:' .. id
   bb_count_outcome(req, outcome, enq)
   redis.call('HSET', req, 'state', 'done', 'outcome', outcome, 'result', result)
   if buf and buf ~= '' then
-    local bodies = BB_BODIES_KEYS[buf]
-    if not bodies then
-      bodies = prefix .. 'bodies:' .. buf
-      BB_BODIES_KEYS[buf] = bodies
-    end
-    redis.call('HDEL', bodies, id)
+    redis.call('HDEL', bb_cached_key(BB_BODIES_KEYS, prefix, 'bodies:', buf), id)
   end
   redis.call('EXPIRE', req, ttl)
   if cbq and cbq ~= '' then
-    local stream = BB_STREAM_KEYS[cbq]
-    if not stream then
-      stream = prefix .. 'cb:' .. cbq
-      BB_STREAM_KEYS[cbq] = stream
-    end
-    redis.call('XADD', stream, '*', 'result', result)
+    redis.call('XADD', bb_cached_key(BB_STREAM_KEYS, prefix, 'cb:', cbq), '*', 'result', result)
     BB_QUEUES[cbq] = true
   end
   if wh and wh ~= '' then
