@@ -96,7 +96,7 @@ def updates_sent(ctx: WorkerContext, database_url: str) -> Iterator[list[bool]]:
     sent: list[bool] = []
 
     def count(conn: Any, cursor: Any, sql: str, params: Any, context: Any, many: bool) -> None:
-        if sql.lstrip().upper().startswith("UPDATE"):
+        if "UPDATE REQUESTS" in sql.upper():
             sent.append(many)
 
     event.listen(ctx.engine, "before_cursor_execute", count)
@@ -120,22 +120,34 @@ def test_on_sqlite_a_chunk_is_one_statement(batched: WorkerContext, database_url
     assert {r.state for r in recorded(ctx).values() if r.batch_id == "b1"} == {"completed"}
 
 
-def test_on_sqlite_large_results_go_a_megabyte_or_so_per_statement(
+def test_on_sqlite_a_chunk_past_the_variable_limit_is_cut_into_statements_that_fit(
     batched: WorkerContext, database_url: str
 ) -> None:
-    # Given four results of 400 KB each (large metadata)
+    # Given SQLite allowing 50 variables a statement (8 per row and 2 more: 6 rows fit), and
+    # large results among the rows (400 KB of metadata)
     ctx = batched
     big = {f"r{i}": '{"metadata":"' + str(i) * 400_000 + '"}' for i in range(4)}
-    # When they are recorded
-    with updates_sent(ctx, database_url) as sent, ctx.session() as session:
-        rows = [outcome(rid, "completed", result=res) for rid, res in big.items()]
-        finish_requests(session, "b1", rows)
+    with ctx.session() as session:
+        for i in range(9):
+            session.add(Request(id=f"s{i}", batch_id="b1", state="batched"))
         session.commit()
-    # Then no statement carried much more than a megabyte of them (each copy of a statement's
-    # JSON is held at once), and every result is recorded whole
-    assert sent == [False, False]
+    with updates_sent(ctx, database_url) as sent, ctx.session() as session:
+        dbapi = session.connection().connection.dbapi_connection
+        assert isinstance(dbapi, sqlite3.Connection)
+        default = dbapi.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50)
+        try:
+            # When 4 large and 9 small outcomes are recorded
+            rows = [outcome(rid, "completed", result=res) for rid, res in big.items()]
+            rows += [outcome(f"s{i}", "failed", error_code="x") for i in range(9)]
+            finish_requests(session, "b1", rows)
+            session.commit()
+        finally:
+            dbapi.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, default)
+    # Then they went as three statements (6, 6 and 1 rows), and every result is whole
+    assert sent == [False, False, False]
     got = recorded(ctx)
     assert {rid: got[rid].result for rid in big} == big
+    assert {got[f"s{i}"].state for i in range(9)} == {"failed"}
 
 
 def test_a_new_sqlite_record_has_16_kb_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
