@@ -310,13 +310,33 @@ def request_fields(
     return out
 
 
+def request_fields_args(
+    prefix: str, ids: Sequence[str], fields: Sequence[str], max_bytes: int
+) -> list[Any]:
+    """The arguments of one ``request_fields`` call."""
+    return [prefix, len(fields), max_bytes, *fields, *ids]
+
+
 def request_fields_within(
-    scripts: Scripts, prefix: str, ids: Sequence[str], fields: Sequence[str], max_bytes: int
+    scripts: Scripts,
+    prefix: str,
+    ids: Sequence[str],
+    fields: Sequence[str],
+    max_bytes: int,
+    first: SentScript | None = None,
 ) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
-    """(index of the first id, its rows) per call, each reply about ``max_bytes`` at most."""
+    """(index of the first id, its rows) per call, each reply about ``max_bytes`` at most.
+
+    ``first``, when given, is the first call already sent (``request_fields_args`` of all
+    ``ids``): its reply is read instead of calling again.
+    """
     n, start = len(fields), 0
     while start < len(ids):
-        flat = scripts.run("request_fields", [], [prefix, n, max_bytes, *fields, *ids[start:]])
+        if first is not None:
+            flat, first = first.reply(), None
+        else:
+            args = request_fields_args(prefix, ids[start:], fields, max_bytes)
+            flat = scripts.run("request_fields", [], args)
         rows = [tuple(flat[i : i + n]) for i in range(0, len(flat), n)]
         yield start, rows
         start += len(rows)

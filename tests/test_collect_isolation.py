@@ -356,3 +356,44 @@ def test_a_nul_in_a_provider_error_message_does_not_stall_the_batch(ctx: WorkerC
     assert {request_id: len(raw) for request_id, raw in stream(ctx).items()} == dict.fromkeys(
         ids, 1
     )
+
+
+def test_a_chunks_metadata_is_read_before_the_previous_chunk_is_delivered(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch of 10 finished requests, applied 4 at a time, and Redis logging every
+    # command it runs, in the order it runs them
+    monkeypatch.setattr(collection, "_CHUNK", 4)
+    ids = submit(ctx)
+    run_to_results(ctx)
+    names = {ctx.scripts.sha(name): name for name in ("request_fields", "finish")}
+    for name in names.values():
+        ctx.scripts.load(name)  # so no call is logged twice (NOSCRIPT, then loaded and run)
+    threshold = ctx.redis.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
+    ctx.redis.config_set("slowlog-log-slower-than", 0)
+    ctx.redis.slowlog_reset()
+    try:
+        # When it is collected
+        assert len(collect(ctx)) == 1
+        log = ctx.redis.slowlog_get(10_000)
+    finally:
+        ctx.redis.config_set("slowlog-log-slower-than", threshold)
+        ctx.redis.slowlog_reset()
+    # Then Redis read each chunk's metadata before it ran the previous chunk's delivery,
+    # rather than behind it, and delivered every result once
+    ran = []
+    for entry in reversed(log):  # the newest first in SLOWLOG GET
+        words = entry["command"].split()
+        if words[0].upper() == b"EVALSHA" and words[1].decode() in names:
+            ran.append(names[words[1].decode()])
+    assert ran == [
+        "request_fields",
+        "request_fields",
+        "finish",
+        "request_fields",
+        "finish",
+        "finish",
+    ]
+    assert {request_id: len(raw) for request_id, raw in stream(ctx).items()} == dict.fromkeys(
+        ids, 1
+    )
