@@ -277,18 +277,8 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
 
 # UPDATE ... FROM (3.33).
 _SQLITE_UPDATE_FROM_SINCE = (3, 33, 0)
-# An outcome's values in the order finish_requests builds them (and the SQLite statement's
-# VALUES list them), named as its executemany statement binds them.
-_OUTCOME_PARAMS = (
-    "rid",
-    "new_state",
-    "error_code",
-    "error_message",
-    "prompt_tokens",
-    "completion_tokens",
-    "finished_at",
-    "result",
-)
+# The columns of an outcome, in the order finish_requests builds its values (and the SQLite
+# statement's VALUES list them) ...
 _OUTCOME_COLUMNS = (
     "id",
     "state",
@@ -299,6 +289,8 @@ _OUTCOME_COLUMNS = (
     "finished_at",
     "result",
 )
+# ... and as the executemany statement binds them (id and state are also its WHERE's).
+_OUTCOME_PARAMS = ("rid", "new_state", *_OUTCOME_COLUMNS[2:])
 
 
 @functools.lru_cache(maxsize=8)
