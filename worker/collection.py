@@ -66,9 +66,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 # Outcomes are applied this many at a time (one script call, one SQL commit per chunk), or
 # sooner once their lines add up to _CHUNK_BYTES: the bound on what a chunk holds in memory
-# when responses (or metadata) are large. Three chunks are held at once (one applied and held
-# back, one being delivered, one being recorded); 2,000 results with 16 KB of metadata each
-# peaked at 246 MB with 8 MB chunks, 204 MB with 4 MB.
+# when responses (or metadata) are large. Up to four chunks are in memory at once (one being
+# read, one applied and held back, one being delivered, one being recorded); 2,000 results
+# with 16 KB of metadata each peaked at 246 MB with 8 MB chunks, 204 MB with 4 MB.
 _CHUNK = 2000
 _CHUNK_BYTES = 4 << 20
 _FIELDS = ("meta", "cx")  # what a result needs of its request's hash

@@ -36,12 +36,11 @@ READ = 500
 QUEUE, STREAM, GROUP = "floor:pending", "floor:results", "floor"
 
 
-def _cpu(client: Redis, step: Callable[[], int]) -> tuple[float, float, int]:
-    """Run ``step``: its seconds, the CPU seconds it cost here and in Redis, what it counted."""
-    cpu, redis_cpu, started = time.process_time(), redis_cpu_seconds(client), time.perf_counter()
+def _cpu(client: Redis, step: Callable[[], int]) -> tuple[float, int]:
+    """Run ``step``: the CPU seconds it cost here and in Redis, and what it counted."""
+    cpu, redis_cpu = time.process_time(), redis_cpu_seconds(client)
     count = step()
-    took = time.perf_counter() - started
-    return took, time.process_time() - cpu + redis_cpu_seconds(client) - redis_cpu, count
+    return time.process_time() - cpu + redis_cpu_seconds(client) - redis_cpu, count
 
 
 class BarePipeline:
@@ -166,7 +165,7 @@ def run(bench: Bench) -> CaseResult:
     try:
         for _ in range(rounds):
             for name in (*STEPS, "record"):
-                _, spent, count = _cpu(client, getattr(bare, name))
+                spent, count = _cpu(client, getattr(bare, name))
                 if count != n:
                     raise AssertionError(f"bare {name} handled {count} of {n} requests")
                 cpu[name].append(spent / n * 1e6)
