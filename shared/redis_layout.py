@@ -170,6 +170,21 @@ class Keys:
         """List of the request ids in an uncommitted claim."""
         return f"{self.prefix}:claim:{batch_id}:ids"
 
+    def claim_script_keys(self, buf: str, batch_id: str) -> list[str]:
+        """The KEYS of ``claim.lua`` claiming from buffer ``buf`` for batch ``batch_id``."""
+        return [
+            self.pending(buf),
+            self.buffers,
+            self.claim_ids(batch_id),
+            self.claim(batch_id),
+            self.claims,
+            self.pending_counts,
+        ]
+
+    def intact(self, batch_id: str) -> str:
+        """Mark that no request has left a batch since its claim (see ``claim.lua``)."""
+        return f"{self.prefix}:intact:{batch_id}"
+
     @property
     def claims(self) -> str:
         """Sorted set of uncommitted claims by claim time."""

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -195,6 +196,18 @@ def ctx(worker_context: WorkerContext) -> WorkerContext:
 
 
 PIPELINE_MESSAGES = [{"role": "user", "content": "Is 'great value' positive?"}]
+
+
+def force_claim(
+    ctx: WorkerContext, buf: str, batch_id: str, *, max_requests: int = 100, intact_seconds: int = 0
+) -> Any:
+    """Run ``claim.lua`` on ``buf`` for ``batch_id`` now, as a forced flush: its reply.
+
+    With ``intact_seconds`` 0 the claim leaves no intact mark, as before marks existed.
+    """
+    now_ms = int(time.time() * 1000)
+    args = [ctx.keys.base, buf, batch_id, max_requests, 10**9, 0, now_ms, "1", intact_seconds]
+    return ctx.scripts.run("claim", ctx.keys.claim_script_keys(buf, batch_id), args)
 
 
 def submit_requests(ctx: WorkerContext, n: int = 10) -> list[str]:

@@ -16,7 +16,7 @@ from sqlmodel import select
 from producer import Producer, Result
 from shared.models import Batch, BatchState, Request
 from shared.providers.local import LocalProvider
-from tests.conftest import drive_pipeline, run_local_jobs
+from tests.conftest import drive_pipeline, force_claim, run_local_jobs
 from tests.conftest import submit_requests as submit
 from worker.batch_cancel import NotCancellable, request_batch_cancel
 from worker.cancellation import CANCELLED_IN_BATCH, record_unbatched
@@ -193,18 +193,7 @@ def test_a_cancel_landing_between_the_collectors_read_and_its_write_still_wins(
 def test_a_request_cancelled_in_an_abandoned_claim_ends_cancelled(ctx: WorkerContext) -> None:
     # Given a claim that died before its batch was recorded, one of its requests cancelled
     ids = submit(ctx, 3)
-    ctx.scripts.run(
-        "claim",
-        [
-            ctx.keys.pending("default:m-a"),
-            ctx.keys.buffers,
-            ctx.keys.claim_ids("b1"),
-            ctx.keys.claim("b1"),
-            ctx.keys.claims,
-            ctx.keys.pending_counts,
-        ],
-        [ctx.keys.base, "default:m-a", "b1", 10, 10**9, 10**9, int(time.time() * 1000), "1"],
-    )
+    force_claim(ctx, "default:m-a", "b1", max_requests=10)
     assert producer_of(ctx).try_cancel(ids[1]).kind == "marked"
 
     # When the reaper gives the claim back

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from datetime import datetime, timedelta
 
 import orjson
@@ -22,7 +21,7 @@ from shared.models import Batch, BatchState, Request, RequestState, utcnow
 from shared.providers.local import LocalProvider
 from shared.redis_layout import buffer_name, pending_ids
 from shared.schemas import DEFAULT_PROVIDER
-from tests.conftest import RedisFactory, drive_pipeline
+from tests.conftest import RedisFactory, drive_pipeline, force_claim
 from tests.conftest import submit_requests as submit
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
@@ -299,18 +298,7 @@ def test_a_batch_whose_requests_another_batch_holds_is_never_sent(ctx: WorkerCon
     before_claim = snapshot(ctx)
     (first,) = pack_due_buffers(ctx)
     roll_back(ctx, before_claim)
-    result = ctx.scripts.run(
-        "claim",
-        [
-            ctx.keys.pending(BUF),
-            ctx.keys.buffers,
-            ctx.keys.claim_ids("other"),
-            ctx.keys.claim("other"),
-            ctx.keys.claims,
-            ctx.keys.pending_counts,
-        ],
-        [ctx.keys.base, BUF, "other", 100, 10**8, 0, int(time.time() * 1000), "1"],
-    )
+    result = force_claim(ctx, BUF, "other")
     assert result[0] == 10
 
     # When the submitter asks whether the batch still owns its requests
@@ -329,17 +317,7 @@ def test_requests_of_a_forgotten_claim_return_to_their_buffer(ctx: WorkerContext
     ids = submit(ctx, 5)
     waiting = int(ctx.redis.hget(ctx.keys.buffers, BUF) or 0)
     batch_id = "lost-claim"
-    keys = [
-        ctx.keys.pending(BUF),
-        ctx.keys.buffers,
-        ctx.keys.claim_ids(batch_id),
-        ctx.keys.claim(batch_id),
-        ctx.keys.claims,
-        ctx.keys.pending_counts,
-    ]
-    now = int(time.time() * 1000)
-    args = [ctx.keys.base, BUF, batch_id, 100, 10**9, 0, now, "1"]
-    assert ctx.scripts.run("claim", keys, args)[0] == 5
+    assert force_claim(ctx, BUF, batch_id)[0] == 5
     ctx.redis.delete(ctx.keys.claim_ids(batch_id), ctx.keys.claim(batch_id))
     ctx.redis.zrem(ctx.keys.claims, batch_id)
 

@@ -34,7 +34,7 @@ from shared.settings import Settings
 from worker.batch_files import WrittenFile, write_lines
 from worker.claims import abandon_claim, release_claim
 from worker.context import WorkerContext
-from worker.reconciler import repair_batch
+from worker.reconciler import INTACT_MARK_SECONDS, repair_batch
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +127,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
     batch_id = new_batch_id()
     count, size, raw_reason, *claimed = ctx.scripts.run(
         "claim",
-        [
-            ctx.keys.pending(buf),
-            ctx.keys.buffers,
-            ctx.keys.claim_ids(batch_id),
-            ctx.keys.claim(batch_id),
-            ctx.keys.claims,
-            ctx.keys.pending_counts,
-        ],
+        ctx.keys.claim_script_keys(buf, batch_id),
         [
             ctx.keys.base,
             buf,
@@ -142,6 +135,7 @@ def pack_buffer(ctx: WorkerContext, buf: str, *, force: bool = False) -> PackedB
             *claim_thresholds(s),
             int(time.time() * 1000),
             "1" if force else "0",
+            INTACT_MARK_SECONDS,
         ],
     )
     if not count:

@@ -19,7 +19,8 @@ c. a committed batch whose claim Redis forgot: its requests are pending in their
    again and would be packed, and billed, a second time. ``reclaim_batch.lua`` takes them
    back; a packed or uploaded batch some of whose requests another batch holds by now is
    given back unsent (:func:`batch_still_owns_requests`: never create a batch whose
-   requests it no longer owns).
+   requests it no longer owns). The claim's intact mark (``{p}:intact:{batch}``) spares that
+   check for a batch no request has left since its claim.
 d. a request batched under a batch no claim and no committed row knows (a lost claim
    list): back to its buffer, like the reaper does for stale claims (``worker/orphans.py``).
 
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 RECENT = timedelta(minutes=15)
 DATA_LOST = "redis_data_lost"
 _CHUNK = 5000
+# How long a claim's intact mark lives. A batch still unsent after that (the provider refusing
+# creates for a week) is checked request by request instead.
+INTACT_MARK_SECONDS = 7 * 24 * 3600
 _FINAL = (RequestState.COMPLETED.value, RequestState.FAILED.value, RequestState.CANCELLED.value)
 # Batches holding a claim on their requests until collected. (A collecting batch's requests
 # legitimately move on as they are requeued; what Redis lost there, (a) finds once finished.)
@@ -385,6 +389,13 @@ def batch_still_owns_requests(ctx: WorkerContext, batch_id: str) -> bool:
         batch = session.get(Batch, batch_id)
     if batch is None or batch.state not in (BatchState.PACKED, BatchState.UPLOADED):
         return False
+    # The claim set the mark in the same script, and every script that takes a request out
+    # of a batch drops it: while it exists, no request was lost or moved, so the record's
+    # rows need not be read and each request's hash asked. On a 10,000-request batch that
+    # cost 6.5-20 us of CPU a request (this process and Redis), 0.2 with the mark. A Redis
+    # that lost the claim has lost the mark with it.
+    if ctx.redis.exists(ctx.keys.intact(batch_id)):
+        return True
     ownership, _ = _take_back(ctx, batch)
     if ownership.intact:
         return True

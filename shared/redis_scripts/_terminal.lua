@@ -10,6 +10,7 @@
 --   {p}:whq            zset    its due time (ms): when the request has a webhook URL
 --   {p}:torecord       list    the id, when no batch will record the outcome in SQL
 --   {p}:cbqueues       set     the callback queue's name (so metrics can find the queues)
+--   {p}:intact:{batch} string  dropped by bb_drop_intact (see claim.lua)
 --   {p}:counters       hash    requests:{outcome} +1, and the request's end-to-end latency
 --                              (from its enqueue time "enq", when it has one) in the
 --                              histogram fields lat:{outcome}:{le} (the smallest bucket that
@@ -98,6 +99,13 @@ local function bb_cached_key(cache, prefix, kind, name)
     cache[name] = key
   end
   return key
+end
+
+-- Drop batch's intact mark ({p}:intact:{batch}, set by claim.lua): a request is leaving it
+-- (finished, sent round again, returned to its buffer). Each script that takes requests out of
+-- a batch calls this once, so the mark never outlives the batch holding all of its requests.
+local function bb_drop_intact(prefix, batch)
+  redis.call('DEL', prefix .. 'intact:' .. batch)
 end
 
 -- enq: the request's enqueue time when the caller already read it (nil: read here).

@@ -10,6 +10,11 @@
 -- ARGV[4]  max requests            ARGV[5] max bytes    ARGV[6] max wait (ms)
 -- ARGV[7]  unused (ages are measured on the Redis server's clock, as enqueue times are)
 -- ARGV[8]  "1" to flush even if no threshold is reached
+-- ARGV[9]  seconds the batch's intact mark lives (absent or 0: no mark)
+-- Key built here: {p}:intact:{batch}  string  the intact mark: set with the claim, dropped by
+-- every script that takes a request out of the batch (bb_drop_intact in _terminal.lua). While
+-- it exists, Redis holds every claimed request batched under this batch: see
+-- worker/reconciler.py, batch_still_owns_requests.
 -- Returns {claimed count, claimed bytes, reason, then per claimed request: id, cbq, attempts,
 -- webhook URL}
 -- (what the packer records in SQL), or {0, 0, ''} when the buffer is not due.
@@ -71,5 +76,9 @@ end
 bb_account(prefix, buf, -taken, -total)
 redis.call('HSET', KEYS[4], 'buf', buf, 'count', taken, 'bytes', total, 'at', ARGV[7])
 redis.call('ZADD', KEYS[5], now, batch)
+-- In the same step as the claim, so a Redis that lost the claim has lost the mark too.
+if tonumber(ARGV[9] or '0') > 0 then
+  redis.call('SET', prefix .. 'intact:' .. batch, '1', 'EX', ARGV[9])
+end
 out[1], out[2] = taken, total
 return out

@@ -29,5 +29,6 @@ for i = 4, #ARGV, 3 do
     out[1] = out[1] + 1
   end
 end
+bb_drop_intact(prefix, batch)
 bb_flush(prefix)
 return out

@@ -44,5 +44,6 @@ for _, buf in ipairs(order) do
   bb_account(prefix, buf, #by_buf[buf], bytes_by_buf[buf])
   bb_count('retries:' .. buf, #by_buf[buf])
 end
+bb_drop_intact(prefix, batch)
 bb_flush(prefix)
 return out

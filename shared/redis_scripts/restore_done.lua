@@ -39,5 +39,6 @@ for i = 4, #ARGV, 5 do
     finished[#finished + 1] = id
   end
 end
+bb_drop_intact(prefix, batch)
 bb_flush(prefix)
 return finished

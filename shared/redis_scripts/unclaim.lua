@@ -34,5 +34,6 @@ if buf then
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], batch)
+bb_drop_intact(prefix, batch)
 bb_flush(prefix)
 return #returned
