@@ -229,7 +229,10 @@ def finish_requests(session: Session, batch_id: str, rows: Sequence[dict[str, An
         check_request_transition(RequestState.BATCHED, state)
     table = Request.__table__  # type: ignore[attr-defined]
     dialect = session.get_bind().dialect
-    to_db = table.c.finished_at.type.bind_processor(dialect)
+    # The dialect's own processor: the column type's generic one leaves a datetime, which
+    # sqlite3's default adapter would store as text of another shape (``+00:00``, no
+    # microseconds at a whole second) that SQL then compares wrongly with every other time.
+    to_db = table.c.finished_at.type.dialect_impl(dialect).bind_processor(dialect)
     times: dict[datetime | None, Any] = {None: None}  # a chunk's rows share one time
     for r in rows:
         when = r["finished_at"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event
+from sqlmodel import select
 
 from shared.db import finish_requests, make_engine
 from shared.models import Request
@@ -86,6 +87,24 @@ def test_each_outcome_is_written_and_only_to_requests_still_batched_here(
     assert (got["other"].state, got["other"].result) == ("batched", None)
     assert (got["done"].state, got["done"].error_code) == ("completed", None)
     assert got["done"].result == '{"kept":1}'
+
+
+@pytest.mark.parametrize("when", [WHEN, WHEN.replace(microsecond=0)], ids=["us", "whole-second"])
+def test_a_recorded_finish_time_is_found_by_a_query_for_that_time(
+    batched: WorkerContext, when: datetime
+) -> None:
+    # Given an outcome recorded at a known instant (with and without microseconds)
+    ctx = batched
+    with ctx.session() as session:
+        finish_requests(session, "b1", [outcome("r0", "completed", finished_at=when)])
+        session.commit()
+    # When the record is asked, in SQL, for what finished at that instant, and at or before it
+    with ctx.session() as session:
+        at = session.exec(select(Request.id).where(Request.finished_at == when)).all()
+        by = session.exec(select(Request.id).where(Request.finished_at <= when)).all()
+    # Then the request is found both ways: the time is stored as every other time is, so SQL
+    # compares it like one (SQLite compares the stored text)
+    assert (at, by) == (["r0"], ["r0"])
 
 
 @contextmanager

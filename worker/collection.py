@@ -521,6 +521,8 @@ def token_count(usage: object, key: str) -> int:
     """A usage count fit for the record: 0 unless a number, at most ``MAX_TOKENS``."""
     # The result still carries the provider's usage as it came; only the record is guarded.
     value = usage.get(key) if isinstance(usage, dict) else None
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
+        return value  # the usual count, decided without the checks below (twice per result)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
     if isinstance(value, float) and not math.isfinite(value):
