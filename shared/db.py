@@ -390,6 +390,21 @@ def _take_due(
     return sorted(batches, key=lambda batch: batch.created_at)
 
 
+def release_taken(session: Session, batch: Batch, now: datetime) -> None:
+    """Make a batch taken by ``take_due_for_*`` due again now, its taker having passed it by.
+
+    A taker that cannot get the batch's lease (the reconciler or a cancel holds it for a
+    moment) would otherwise leave it a whole hold (``LEASE_SECONDS``) in the future. Only the
+    taker's own deadline is undone: one written since (by whoever held the lease) stands.
+    """
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch.id)  # type: ignore[arg-type]
+        .where(Batch.next_poll_at == batch.next_poll_at)  # type: ignore[arg-type]
+        .values(next_poll_at=now)
+    )
+
+
 def poll_now(session: Session, provider_batch_id: str, now: datetime) -> None:
     """Make the submitted batch running as ``provider_batch_id`` due for a poll right away."""
     session.execute(

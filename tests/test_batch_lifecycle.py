@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -432,3 +433,51 @@ def test_an_unexpected_error_on_one_batch_is_recorded_and_backed_off(
     assert "disk read error" in (stuck.error or "") and stuck.submit_attempts == 1
     assert stuck.next_poll_at is not None and stuck.next_poll_at > utcnow()
     assert submit_ready_batches(ctx) == []  # not retried before its backoff is over
+
+
+def only_batch(ctx: WorkerContext) -> Batch:
+    with ctx.session() as session:
+        return session.exec(select(Batch)).one()
+
+
+def passed_by_while_leased(ctx: WorkerContext, step: Callable[[WorkerContext], list[str]]) -> str:
+    """Run ``step`` while someone else holds the only batch's lease; the batch's id."""
+    batch_id = only_batch(ctx).id
+    # Someone else (the reconciler checking the batch, say) holds its lease ...
+    with ctx.lease(f"batch:{batch_id}") as held:
+        assert held
+        # ... when the step takes the batch, and has to pass it by
+        assert step(ctx) == []
+    return batch_id
+
+
+def test_a_batch_taken_while_another_holds_its_lease_is_submitted_once_it_is_free(
+    ctx: WorkerContext,
+) -> None:
+    # Given a packed batch that a submit pass took while its lease was held elsewhere
+    submit(ctx, 3)
+    pack_due_buffers(ctx, force=True)
+    batch_id = passed_by_while_leased(ctx, submit_ready_batches)
+    # When the next pass runs, the lease free
+    submitted = submit_ready_batches(ctx)
+    # Then it submits the batch: taking it did not push it a whole LEASE_SECONDS ahead
+    assert submitted == [batch_id]
+    assert only_batch(ctx).state == BatchState.SUBMITTED
+
+
+def test_a_batch_taken_while_another_holds_its_lease_is_polled_once_it_is_free(
+    ctx: WorkerContext,
+) -> None:
+    # Given a submitted batch whose job has finished, taken by a poll pass while its lease
+    # was held elsewhere
+    submit(ctx, 3)
+    pack_due_buffers(ctx, force=True)
+    submit_ready_batches(ctx)
+    run_local_jobs(ctx)
+    time.sleep(0.02)  # past its next poll time (POLL_INTERVAL_SECONDS is 0.01 here)
+    batch_id = passed_by_while_leased(ctx, poll_due_batches)
+    # When the next pass runs, the lease free
+    finished = poll_due_batches(ctx)
+    # Then it finds the batch finished, without waiting out a lease
+    assert finished == [batch_id]
+    assert only_batch(ctx).state == BatchState.COLLECTING

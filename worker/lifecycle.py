@@ -34,7 +34,7 @@ from shared.providers.base import BatchProvider, ProviderBatch, ProviderError
 from worker.backoff import CEILING_SECONDS, backoff
 from worker.batch_cancel import cancel_unsent
 from worker.batch_files import batch_file
-from worker.batch_loop import each_batch, take_hold
+from worker.batch_loop import each_batch, hand_back, take_hold
 from worker.context import WorkerContext
 from worker.reconciler import batch_still_owns_requests
 
@@ -74,6 +74,7 @@ def submit_ready_batches(ctx: WorkerContext) -> list[str]:
         lambda batch: submit_batch(ctx, batch.id),
         lambda batch, exc: _retry_later(ctx, batch, f"unexpected error while submitting: {exc!r}"),
         doing="submitting",
+        passed_by=lambda batch: hand_back(ctx, batch),
     )
 
 

@@ -26,7 +26,7 @@ from shared.models import Batch, BatchState, utcnow
 from shared.providers.base import BatchProvider, ProviderBatch, ProviderBatchStatus, ProviderError
 from worker.backoff import backoff
 from worker.batch_cancel import cancelled_outcome
-from worker.batch_loop import each_batch, take_hold
+from worker.batch_loop import each_batch, hand_back, take_hold
 from worker.context import WorkerContext
 from worker.lifecycle import unowned_jobs
 
@@ -48,6 +48,7 @@ def poll_due_batches(ctx: WorkerContext) -> list[str]:
         lambda batch: poll_batch(ctx, batch),
         lambda batch, exc: _record_unexpected(ctx, batch, exc),
         doing="polling",
+        passed_by=lambda batch: hand_back(ctx, batch),
     )
     watch_for_duplicates(ctx)
     return finished
