@@ -22,10 +22,16 @@ class Measurement:
     detail: str = ""
     # "higher" when more is better (a rate), "lower" when less is (seconds, bytes)
     better: Literal["higher", "lower"] = "higher"
+    # Where baseline and candidate ran in alternating rounds: the median of the per-round
+    # ratios, which is what a target judges. The medians of the two rates, taken apart, may
+    # come from different rounds, so their quotient can differ from it.
+    round_ratio: float | None = None
 
     @property
     def ratio(self) -> float | None:
         """How many times better than the baseline (>1 is faster or smaller)."""
+        if self.round_ratio is not None:
+            return self.round_ratio
         if self.baseline_value is None or not self.value or not self.baseline_value:
             return None
         if self.better == "higher":

@@ -122,7 +122,7 @@ class Result(BaseModel):
         model's validation and dump is most of what that costs. The values must already be
         what the model holds (a JSON object as response, usage and metadata).
         """
-        if not isinstance(metadata, dict | None):
+        if metadata is not None and not isinstance(metadata, dict):
             raise ValueError(f"metadata must be a JSON object, not {type(metadata).__name__}")
         out: dict[str, Any] = {"request_id": request_id, "status": status}
         if response is not None:

@@ -178,7 +178,9 @@ def run(bench: Bench) -> CaseResult:
                     "req/s",
                     baseline=pair.baseline_label,
                     baseline_value=median([r["baseline_rate"] for r in pair.rounds]),
-                    detail=f"ratio IQR {q1:.2f}-{q3:.2f} over {len(ratios)} rounds; client CPU "
+                    round_ratio=ratio,
+                    detail=f"median of per-round ratios; IQR {q1:.2f}-{q3:.2f} over "
+                    f"{len(ratios)} rounds; client CPU "
                     f"{cpu[0]:.0f}/{cpu[1]:.0f} us, Redis {pair.server['baseline_us']:.1f}/"
                     f"{pair.server['candidate_us']:.1f} us per request (baseline/ours)",
                 )
