@@ -28,6 +28,7 @@ from producer.protocol import (
 )
 from producer.record import ResultRecord
 from producer.wakeup import AggregatorWaker
+from shared.allocator import keep_freed_heap
 from shared.embedded_redis import resolve_redis_url
 from shared.redis_layout import Keys, script_source
 from shared.schemas import (
@@ -53,6 +54,7 @@ class AsyncProducer:
 
     def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.load()
+        keep_freed_heap(self.settings.malloc_top_pad_bytes)
         self._url = redis_url or resolve_redis_url(self.settings)
         self._client = Redis.from_url(self._url)
         self.keys = Keys(self.settings.key_prefix)

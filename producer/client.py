@@ -25,6 +25,7 @@ from producer.protocol import (
 )
 from producer.record import ResultRecord
 from producer.wakeup import AggregatorWaker
+from shared.allocator import keep_freed_heap
 from shared.embedded_redis import resolve_redis_url
 from shared.redis_layout import Keys, Scripts
 from shared.redis_wire import pack
@@ -60,6 +61,7 @@ class Producer:
         client: Redis | None = None,
     ) -> None:
         self.settings = settings or Settings.load()
+        keep_freed_heap(self.settings.malloc_top_pad_bytes)
         url = redis_url or resolve_redis_url(self.settings)
         self._client = client or Redis.from_url(url)
         self.keys = Keys(self.settings.key_prefix)

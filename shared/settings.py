@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = Field(default=3600, ge=10)
     task_time_limit_seconds: int = Field(default=600, ge=5)
     worker_concurrency: int = Field(default=2, ge=1, le=256)
+    # Freed heap glibc keeps for reuse in each producer and worker process instead of
+    # returning it to the OS and faulting it back in (shared/allocator.py); 0 leaves it alone.
+    malloc_top_pad_bytes: int = Field(default=16 * 2**20, ge=0, le=2**31 - 1)
 
     # Test-only fault injection (the reliability suite): the worker SIGKILLs itself the first
     # N times it reaches each named step, counting crashes by marker files in crash_dir

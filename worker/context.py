@@ -15,6 +15,7 @@ from redis import Redis
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from shared.allocator import keep_freed_heap
 from shared.clock import RecordClock
 from shared.counters import Counters, instrument_provider
 from shared.crash_points import CrashPlan
@@ -54,6 +55,7 @@ class WorkerContext:
         cls, settings: Settings, *, dispatch_local: Callable[[str], None] | None = None
     ) -> WorkerContext:
         """Connect to Redis and the database named by ``settings``."""
+        keep_freed_heap(settings.malloc_top_pad_bytes)
         # Timeouts, so a half-open connection cannot hang a task (or a lease's renewer).
         redis = Redis.from_url(
             resolve_redis_url(settings),
