@@ -9,19 +9,23 @@ encodes cost 3.4 us each instead of 0.24 us, and ``submit_many`` of 2 KB request
 what such a call frees for the next one; the cost is at most that much resident memory.
 
 The setting is process-wide, so it is applied once per process, the first time a producer or
-worker asks, and only by glibc (elsewhere ``mallopt`` is absent or does something else).
+worker asks; only under glibc (elsewhere ``mallopt`` is absent or means something else), and
+not when the environment already tunes glibc's malloc (``MALLOC_*_`` or ``GLIBC_TUNABLES``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import platform
 import threading
 
 log = logging.getLogger(__name__)
 
 _M_TOP_PAD = -2  # glibc's malloc.h
+# Someone already chose how this process's malloc trims: their choice stands.
+_GLIBC_MALLOC_VARIABLES = ("MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 _lock = threading.Lock()
 _applied: int | None = None  # the pad this process runs with, once set
 
@@ -29,7 +33,7 @@ _applied: int | None = None  # the pad this process runs with, once set
 def keep_freed_heap(pad_bytes: int) -> bool:
     """Ask glibc to keep ``pad_bytes`` of freed heap for reuse; False if not applied here."""
     global _applied  # a fact about the process, not about any one object
-    if pad_bytes <= 0 or platform.libc_ver()[0] != "glibc":
+    if pad_bytes <= 0 or platform.libc_ver()[0] != "glibc" or _tuned_by_environment():
         return False
     with _lock:
         if _applied is not None:
@@ -45,3 +49,8 @@ def keep_freed_heap(pad_bytes: int) -> bool:
             return False
         _applied = pad_bytes
         return True
+
+
+def _tuned_by_environment() -> bool:
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return "glibc.malloc." in tunables or any(os.environ.get(v) for v in _GLIBC_MALLOC_VARIABLES)

@@ -9,6 +9,7 @@ kernel tallies per process; with the pad, rounds after the first reuse the same 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -70,13 +71,15 @@ print(json.dumps({"faults": faults, "applied": applied}))
 """.replace("ROUNDS", str(_ROUNDS))
 
 
-def _faults(how: str, pad: int) -> dict[str, int | bool | None]:
+def _faults(how: str, pad: int, **env: str) -> dict[str, int | bool | None]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
     out = subprocess.run(
         [sys.executable, "-c", _SCENARIO, how, str(pad)],
         capture_output=True,
         text=True,
         check=True,
         cwd=ROOT,
+        env={**clean, **env},
         timeout=60,
     )
     result: dict[str, int | bool | None] = json.loads(out.stdout.splitlines()[-1])
@@ -108,4 +111,20 @@ def test_a_zero_pad_in_the_settings_leaves_the_allocator_alone() -> None:
     # Given a producer configured with BATCHBRIDGE_MALLOC_TOP_PAD_BYTES=0
     faults = _faults("producer", 0)
     # Then its process faults as one that never asked
+    assert isinstance(faults["faults"], int) and faults["faults"] >= _ROUNDS * 100
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MALLOC_TRIM_THRESHOLD_": "131072"},
+        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"},
+    ],
+)
+def test_an_allocator_tuned_by_the_environment_is_left_as_it_was_tuned(env: dict[str, str]) -> None:
+    # Given a process whose environment already sets how glibc's malloc trims
+    # When it asks for the pad
+    faults = _faults("direct", 16 * 2**20, **env)
+    # Then the environment's choice stands: nothing applied, the memory goes back each round
+    assert faults["applied"] is False
     assert isinstance(faults["faults"], int) and faults["faults"] >= _ROUNDS * 100
