@@ -321,3 +321,42 @@ def test_the_cutoff_is_in_utc_whatever_timezone_now_is_given_in() -> None:
     assert retention_cutoff(0, NOW) is None
     with pytest.raises(ValueError, match="sql_retention_days must be >= 0"):
         retention_cutoff(-1, NOW)
+
+
+def test_the_prune_finds_old_requests_through_an_index_not_a_table_scan(
+    record: WorkerContext,
+) -> None:
+    # Given a record of finished requests, none old enough to go
+    insert(record, *(request(f"r{i}", "b-live", RequestState.COMPLETED, NOW) for i in range(20)))
+    statements: list[tuple[str, Any]] = []
+
+    def note(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().startswith("SELECT requests.id"):
+            statements.append((statement, parameters))
+
+    # When a reaper pass prunes (every pass runs this, however large the table has grown)
+    event.listen(record.engine, "before_cursor_execute", note)
+    try:
+        report = prune_old_records(record, now=NOW)
+    finally:
+        event.remove(record.engine, "before_cursor_execute", note)
+
+    # Then nothing went, and the statement that looked for old requests would read them
+    # through the finished-time index, wherever the planner is free to choose it
+    assert report == PruneReport()
+    assert statements, "the prune never looked for old requests"
+    for statement, parameters in statements:
+        plan = explain(record, statement, parameters)
+        assert "ix_requests_finished_at" in plan, plan
+
+
+def explain(ctx: WorkerContext, statement: str, parameters: Any) -> str:
+    """How the database would run ``statement`` (a table scan only when it has no other way)."""
+    with ctx.engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            return "\n".join(str(row[-1]) for row in rows)
+        # A small table is cheapest to scan: forbid that, to see whether an index can serve.
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+        rows = conn.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+        return "\n".join(str(row[0]) for row in rows)
