@@ -5,7 +5,9 @@ carry it: one pipelined ``RPUSH`` of its batch line, ``LPOP`` by the thousand in
 file, the local provider's echo engine over that file, one pipelined ``XADD`` of its result,
 and ``XREADGROUP`` + ``XACK`` + ``XDEL`` by the 500. No request state, no buffers per model,
 no exactly-once, no cancel or webhook, no SQL; then, separately, the least a SQL record can
-cost (one row inserted when packed, updated with its outcome when collected).
+cost (one row inserted when packed, updated with its outcome when collected) and the least
+request state a pipeline that delivers each result once must keep (a write per transition and
+a test-and-set before delivery).
 
 Every step's CPU (this process and Redis) is summed per request, as the stages' ceiling does
 for ours: ``cores / sum`` is the most any pipeline doing this work could carry on this
@@ -115,6 +117,26 @@ class BarePipeline:
         self.client.delete(STREAM)
         return count
 
+    def state(self) -> int:
+        """The least request state: a write per transition, a test-and-set before delivery.
+
+        A request is marked pending when submitted and batched when packed; when its result
+        comes back a test-and-set (``HSETNX``) claims its one delivery (the ``XADD`` that
+        would follow is counted in ``fan_out``): without it, a result read twice would be
+        delivered twice. Then the state is dropped, as an expiry would. Each pass is one
+        script call per 1,000 requests, the cheapest way found to write many small keys.
+        No cancel, metadata, counters or webhooks.
+        """
+        ids = [f"{i:032x}" for i in range(self.n)]
+        script = self.client.register_script(_STATE_SCRIPT)
+        changed = {"pending": 0, "batched": 0, "done": 0, "drop": 0}
+        for step in changed:
+            for start in range(0, self.n, PIPELINE):
+                changed[step] += int(script(args=[step, *ids[start : start + PIPELINE]]))
+        if len(set(changed.values())) != 1:
+            raise AssertionError(f"request state transitions disagree: {changed}")
+        return changed["done"]
+
     def record(self) -> int:
         """The least a SQL record costs: a row per request when packed, its outcome when done."""
         path = self.folder / "record.sqlite3"
@@ -152,6 +174,24 @@ class BarePipeline:
 
 
 STEPS = ("enqueue", "pack", "provide", "fan_out", "consume")
+# ARGV[1]: the transition (pending, batched, done or drop), ARGV[2..]: request ids. Pending
+# and batched set the state; done claims the delivery once; drop deletes. Returns how many
+# changed.
+_STATE_SCRIPT = """
+local step, n = ARGV[1], 0
+for i = 2, #ARGV do
+  local key = 'floor:req:' .. ARGV[i]
+  if step == 'done' then
+    n = n + redis.call('HSETNX', key, 'done', 1)
+  elseif step == 'drop' then
+    n = n + redis.call('DEL', key)
+  else
+    redis.call('HSET', key, 'state', step)
+    n = n + 1
+  end
+end
+return n
+"""
 
 
 def run(bench: Bench) -> CaseResult:
@@ -160,11 +200,12 @@ def run(bench: Bench) -> CaseResult:
     n, rounds = bench.size(50_000, 2_000), bench.size(3, 1)
     client = bench.client()
     bare = BarePipeline(client, bench.data_dir("floor"), n)
-    cpu: dict[str, list[float]] = {name: [] for name in (*STEPS, "record")}
+    extras = ("record", "state")
+    cpu: dict[str, list[float]] = {name: [] for name in (*STEPS, *extras)}
     rpush = rpush_rate(bench, n)  # the end-to-end case's baseline, the same payload
     try:
         for _ in range(rounds):
-            for name in (*STEPS, "record"):
+            for name in (*STEPS, *extras):
                 spent, count = _cpu(client, getattr(bare, name))
                 if count != n:
                     raise AssertionError(f"bare {name} handled {count} of {n} requests")
@@ -176,9 +217,15 @@ def run(bench: Bench) -> CaseResult:
     cores = os.cpu_count() or 1
     path = sum(us[name] for name in STEPS)
     parts = ", ".join(f"{name} {us[name]:.1f}" for name in STEPS)
+    recorded, stateful = path + us["record"], path + us["record"] + us["state"]
     for label, total, detail in (
         ("bare journey", path, parts),
-        ("bare journey + SQL record", path + us["record"], f"{parts}, record {us['record']:.1f}"),
+        ("bare journey + SQL record", recorded, f"{parts}, record {us['record']:.1f}"),
+        (
+            "bare journey + SQL record + request state",
+            stateful,
+            f"{parts}, record {us['record']:.1f}, state {us['state']:.1f}",
+        ),
     ):
         result.measure(
             f"ceiling of the {label}",
@@ -196,6 +243,7 @@ def run(bench: Bench) -> CaseResult:
         median_us=us,
         rpush_rate=rpush,
         ceiling=cores / path * 1e6,
-        ceiling_with_record=cores / (path + us["record"]) * 1e6,
+        ceiling_with_record=cores / recorded * 1e6,
+        ceiling_with_state=cores / stateful * 1e6,
     )
     return result
