@@ -86,32 +86,49 @@ def _faults(how: str, pad: int, **env: str) -> dict[str, int | bool | None]:
     return result
 
 
-def test_without_the_pad_each_round_faults_its_memory_back_in() -> None:
+def _count(faults: dict[str, int | bool | None]) -> int:
+    count = faults["faults"]
+    assert isinstance(count, int)
+    return count
+
+
+@pytest.fixture(scope="module")
+def baseline() -> int:
+    """Faults of a process that leaves the allocator alone (skips where there are few)."""
+    faults = _faults("direct", 0)
+    assert faults["applied"] is False
+    count = _count(faults)
+    if count < _ROUNDS * 50:
+        # Some kernels or allocators keep the pages anyway (huge pages, another malloc):
+        # there is then nothing for the pad to save, and nothing to compare it with.
+        pytest.skip(f"{count} faults in {_ROUNDS} rounds without the pad: freed heap stays")
+    return count
+
+
+def test_without_the_pad_each_round_faults_its_memory_back_in(baseline: int) -> None:
     # Given a process that leaves the allocator alone
     # When it allocates and frees ~2 MB twenty times
-    faults = _faults("direct", 0)
     # Then glibc handed the memory back each time: hundreds of faults per round (the baseline
-    # the other scenarios are judged against; were this not so, they would prove nothing)
-    assert faults["applied"] is False
-    assert isinstance(faults["faults"], int) and faults["faults"] >= _ROUNDS * 100
+    # the other scenarios are judged against; ~430 per round on the VMs measured)
+    assert baseline >= _ROUNDS * 100
 
 
 @pytest.mark.parametrize("how", ["direct", "producer", "async producer", "worker"])
-def test_with_the_pad_the_freed_memory_is_reused(how: str) -> None:
+def test_with_the_pad_the_freed_memory_is_reused(how: str, baseline: int) -> None:
     # Given a process whose producer, worker context or own call set a 16 MB pad
     faults = _faults(how, 16 * 2**20)
     # When it allocates and frees ~2 MB twenty times
     # Then the pages stay mapped: a handful of faults in all, not hundreds per round
     if how == "direct":
         assert faults["applied"] is True
-    assert isinstance(faults["faults"], int) and faults["faults"] < _ROUNDS * 10
+    assert _count(faults) < min(_ROUNDS * 10, baseline // 10)
 
 
-def test_a_zero_pad_in_the_settings_leaves_the_allocator_alone() -> None:
+def test_a_zero_pad_in_the_settings_leaves_the_allocator_alone(baseline: int) -> None:
     # Given a producer configured with BATCHBRIDGE_MALLOC_TOP_PAD_BYTES=0
     faults = _faults("producer", 0)
     # Then its process faults as one that never asked
-    assert isinstance(faults["faults"], int) and faults["faults"] >= _ROUNDS * 100
+    assert _count(faults) > baseline // 2
 
 
 @pytest.mark.parametrize(
@@ -121,10 +138,12 @@ def test_a_zero_pad_in_the_settings_leaves_the_allocator_alone() -> None:
         {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"},
     ],
 )
-def test_an_allocator_tuned_by_the_environment_is_left_as_it_was_tuned(env: dict[str, str]) -> None:
+def test_an_allocator_tuned_by_the_environment_is_left_as_it_was_tuned(
+    env: dict[str, str], baseline: int
+) -> None:
     # Given a process whose environment already sets how glibc's malloc trims
     # When it asks for the pad
     faults = _faults("direct", 16 * 2**20, **env)
     # Then the environment's choice stands: nothing applied, the memory goes back each round
     assert faults["applied"] is False
-    assert isinstance(faults["faults"], int) and faults["faults"] >= _ROUNDS * 100
+    assert _count(faults) > baseline // 2
