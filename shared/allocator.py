@@ -1,12 +1,13 @@
 """Keeping freed heap memory for reuse instead of handing it back to the OS at every free.
 
-glibc's ``malloc`` returns the top of its heap to the OS as soon as more than 128 KB of it is
-free, and faults those pages back in on the next allocation. A ``submit_many`` of 1,000 2 KB
-requests or a fan-out chunk of 2,000 results allocates and frees a few MB each time, so it pays
-for hundreds of page faults per call. On the VM measured that made the same 1,000 body
-encodes cost 3.4 us each instead of 0.24 us, and ``submit_many`` of 2 KB requests run at
-0.49x pipelined ``RPUSH`` instead of 0.86x (README, "Performance"). A top pad of a few MB keeps
-what such a call frees for the next one; the cost is at most that much resident memory.
+glibc's ``malloc`` returns the top of its heap to the OS as soon as more than its trim
+threshold (128 KB by default) of it is free, and faults those pages back in on the next
+allocation. A ``submit_many`` of 1,000 2 KB requests or a fan-out chunk of 2,000 results
+allocates and frees a few MB each time, so it pays for hundreds of page faults per call. On
+the VM measured that made the same 1,000 body encodes cost 3.4 us each instead of 0.24 us,
+and ``submit_many`` of 2 KB requests run at 0.49x pipelined ``RPUSH`` instead of 0.86x
+(README, "Performance"). A top pad of a few MB keeps what such a call frees for the next one;
+the cost is at most that much resident memory.
 
 The setting is process-wide, so it is applied once per process, the first time a producer or
 worker asks; only under glibc (elsewhere ``mallopt`` is absent or means something else), and
