@@ -104,18 +104,17 @@ def annotate(results: list[CaseResult]) -> None:
 def _compare_with_floor(end_to_end: CaseResult, floor: dict[str, Any], ceiling: float) -> None:
     """Say how far the stages and the run are from the bare journey of the floor case."""
     bare, recorded = float(floor["ceiling"]), float(floor["ceiling_with_record"])
-    rate = float(end_to_end.data["ours"]["rate"])
+    rate, rpush = float(end_to_end.data["ours"]["rate"]), float(end_to_end.data["rpush_rate"])
     end_to_end.notes.append(
         f"The same journey done bare (the floor case: no request state, no exactly-once, no "
         f"cancel or webhook, no SQL) could carry at most {bare:,.0f} req/s, "
         f"{recorded:,.0f} with the least SQL record; the stages' ceiling is "
         f"{ceiling / recorded:.0%} of the latter and the run {rate / recorded:.0%}. Meeting "
         f"0.2x would take the pipeline to within "
-        f"{recorded / (0.2 * float(end_to_end.data['rpush_rate'])):.2f}x of the bare "
+        f"{recorded / (0.2 * rpush):.2f}x of the bare "
         f"journey's CPU per request."
     )
     stateful = floor.get("ceiling_with_state")
-    rpush = float(end_to_end.data["rpush_rate"])
     # The least a design that delivers each result once must add: its journey is the nearest
     # yardstick the floor offers (older results files have no such figure).
     nearest, nearest_name = recorded, "the recorded bare journey"

@@ -29,34 +29,29 @@ import json, resource, sys
 
 how, pad = sys.argv[1], int(sys.argv[2])
 applied = None
-if how == "producer":
-    from producer import Producer
-    from shared.settings import Settings
-
-    # A producer connects lazily: building one is what applies its settings.
-    Producer(settings=Settings.load(redis_url="redis://127.0.0.1:1/0", malloc_top_pad_bytes=pad))
-elif how == "async producer":
-    from producer.aio import AsyncProducer
-    from shared.settings import Settings
-
-    AsyncProducer(
-        settings=Settings.load(redis_url="redis://127.0.0.1:1/0", malloc_top_pad_bytes=pad)
-    )
-elif how == "worker":
-    from shared.settings import Settings
-    from worker.context import WorkerContext
-
-    WorkerContext.create(
-        Settings.load(
-            redis_url="redis://127.0.0.1:1/0",
-            database_url="sqlite://",
-            malloc_top_pad_bytes=pad,
-        )
-    )
-elif how == "direct":
+if how == "direct":
     from shared.allocator import keep_freed_heap
 
     applied = keep_freed_heap(pad)
+else:
+    from shared.settings import Settings
+
+    # Producers and workers connect lazily: building one is what applies its settings.
+    settings = Settings.load(
+        redis_url="redis://127.0.0.1:1/0", database_url="sqlite://", malloc_top_pad_bytes=pad
+    )
+    if how == "producer":
+        from producer import Producer
+
+        Producer(settings=settings)
+    elif how == "async producer":
+        from producer.aio import AsyncProducer
+
+        AsyncProducer(settings=settings)
+    else:
+        from worker.context import WorkerContext
+
+        WorkerContext.create(settings)
 
 def one_round():
     kept = [bytes(2048) + bytes([i % 256]) for i in range(1000)]
