@@ -16,7 +16,7 @@ from shared.models import Batch, Request
 from shared.providers.local import LocalProvider
 from tests.conftest import run_local_jobs
 from tests.conftest import submit_requests as submit
-from worker import collection, result_buckets
+from worker import fan_out, result_buckets
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
 from worker.lifecycle import submit_ready_batches
@@ -165,7 +165,7 @@ def test_a_success_line_wins_over_an_error_line_whatever_the_order(
     ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given requests with several lines each, spread over both files, many chunks and buckets
-    monkeypatch.setattr(collection, "_CHUNK", 2)
+    monkeypatch.setattr(fan_out, "_CHUNK", 2)
     monkeypatch.setattr(result_buckets, "BUCKET_LINES", 3)
     ids = submit(ctx)
     out, err = run_to_results(ctx)
@@ -224,13 +224,13 @@ def test_results_are_applied_in_the_order_of_the_batch_file_not_the_providers(
     lines = output_lines(out)
     write_lines(out, [lines[i] for i in reversed(ids)])
     recorded: list[list[str]] = []
-    record = collection.finish_requests
+    record = fan_out.finish_requests
 
     def spy(session: Any, batch_id: str, rows: Any) -> None:
         recorded.append([r["id"] for r in rows])
         record(session, batch_id, rows)
 
-    monkeypatch.setattr(collection, "finish_requests", spy)
+    monkeypatch.setattr(fan_out, "finish_requests", spy)
 
     # When the batch is collected
     assert len(collect(ctx)) == 1
@@ -363,7 +363,7 @@ def test_a_chunks_metadata_is_read_before_the_previous_chunk_is_delivered(
 ) -> None:
     # Given a batch of 10 finished requests, applied 4 at a time, and Redis logging every
     # command it runs, in the order it runs them
-    monkeypatch.setattr(collection, "_CHUNK", 4)
+    monkeypatch.setattr(fan_out, "_CHUNK", 4)
     ids = submit(ctx)
     run_to_results(ctx)
     names = {ctx.scripts.sha(name): name for name in ("request_fields", "finish")}

@@ -412,7 +412,7 @@ def _count_lines(path: Path) -> int:
 
 def collect_child(config: dict[str, Any]) -> dict[str, Any]:
     """Collect a warm-up batch, then measure ``collect_ready_batches`` on the real one."""
-    from worker import collection
+    from worker import collection, fan_out
 
     ctx = _context(config)
     try:
@@ -423,10 +423,10 @@ def collect_child(config: dict[str, Any]) -> dict[str, Any]:
         raw: dict[str, float] = {}
         provider = ctx.provider(ctx.settings.default_provider)
         time_phases(raw, provider, ("download_file",), "download")
-        time_phases(raw, collection._FanOut, ("flush",), "flush")
-        time_phases(raw, collection._FanOut, ("_encoded",), "encode")
-        time_phases(raw, collection._FanOut, ("_record",), "record")
-        time_phases(raw, collection, ("finish_requests",), "sql update")
+        time_phases(raw, fan_out.FanOut, ("flush",), "flush")
+        time_phases(raw, fan_out.FanOut, ("_encoded",), "encode")
+        time_phases(raw, fan_out.FanOut, ("_record",), "record")
+        time_phases(raw, fan_out, ("finish_requests",), "sql update")
         time_phases(raw, collection, ("_finish_batch",), "finish batch")
         time_phases(raw, collection, ("delete_provider_files",), "delete files")
         time_scripts(raw, ctx.scripts)
