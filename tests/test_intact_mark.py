@@ -16,10 +16,10 @@ from shared.redis_layout import buffer_name, pending_ids, text
 from shared.schemas import DEFAULT_PROVIDER
 from tests.conftest import force_claim
 from tests.conftest import submit_requests as submit
+from worker.batch_ownership import INTACT_MARK_SECONDS, batch_still_owns_requests
 from worker.claims import abandon_claim
 from worker.context import WorkerContext
 from worker.packing import pack_due_buffers
-from worker.reconciler import INTACT_MARK_SECONDS, batch_still_owns_requests
 
 BUF = buffer_name(DEFAULT_PROVIDER, "m-a")  # requests naming no provider
 TTL = 3600

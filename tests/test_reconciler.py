@@ -23,17 +23,13 @@ from shared.redis_layout import buffer_name, pending_ids
 from shared.schemas import DEFAULT_PROVIDER
 from tests.conftest import RedisFactory, drive_pipeline, force_claim
 from tests.conftest import submit_requests as submit
+from worker.batch_ownership import batch_ownership, batch_still_owns_requests
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
 from worker.lifecycle import submit_ready_batches
 from worker.orphans import return_orphans
 from worker.packing import pack_due_buffers
-from worker.reconciler import (
-    DATA_LOST,
-    batch_ownership,
-    batch_still_owns_requests,
-    reconcile,
-)
+from worker.reconciler import DATA_LOST, reconcile
 from worker.redis_checks import (
     UnsafeRedisConfig,
     accept_epoch,

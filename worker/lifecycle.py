@@ -35,8 +35,8 @@ from worker.backoff import CEILING_SECONDS, backoff
 from worker.batch_cancel import cancel_unsent
 from worker.batch_files import batch_file
 from worker.batch_loop import each_batch, hand_back, take_hold
+from worker.batch_ownership import batch_still_owns_requests
 from worker.context import WorkerContext
-from worker.reconciler import batch_still_owns_requests
 
 log = logging.getLogger(__name__)
 # Retryable failures in a row before a batch is put on hold (it is retried all the same).

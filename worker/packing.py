@@ -32,9 +32,10 @@ from shared.redis_layout import split_buffer_name, text
 from shared.schemas import DEFAULT_PROVIDER
 from shared.settings import Settings
 from worker.batch_files import WrittenFile, write_lines
+from worker.batch_ownership import INTACT_MARK_SECONDS
 from worker.claims import abandon_claim, release_claim
 from worker.context import WorkerContext
-from worker.reconciler import INTACT_MARK_SECONDS, repair_batch
+from worker.reconciler import repair_batch
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ b. a request the record requeued that Redis still has batched under its finished
 c. a committed batch whose claim Redis forgot: its requests are pending in their buffer
    again and would be packed, and billed, a second time. ``reclaim_batch.lua`` takes them
    back; a packed or uploaded batch some of whose requests another batch holds by now is
-   given back unsent (:func:`batch_still_owns_requests`: never create a batch whose
+   given back unsent (``worker.batch_ownership``: never create a batch whose
    requests it no longer owns). The claim's intact mark (``{p}:intact:{batch}``) spares that
    check for a batch no request has left since its claim.
 d. a request batched under a batch no claim and no committed row knows (a lost claim
@@ -33,7 +33,7 @@ batch whose results could still be in Redis.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,20 +41,16 @@ from typing import Any
 from sqlalchemy import func, update
 from sqlmodel import select
 
-from shared.db import transition
 from shared.models import Batch, BatchState, Request, RequestState, WebhookDelivery
 from shared.redis_layout import request_fields, text
 from shared.schemas import ErrorInfo, Result
+from worker.batch_ownership import give_back, request_rows, take_back
 from worker.cancellation import requeue_or_cancel
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
 RECENT = timedelta(minutes=15)
 DATA_LOST = "redis_data_lost"
-_CHUNK = 5000
-# How long a claim's intact mark lives. A batch still unsent after that (the provider refusing
-# creates for a week) is checked request by request instead.
-INTACT_MARK_SECONDS = 7 * 24 * 3600
 _FINAL = (RequestState.COMPLETED.value, RequestState.FAILED.value, RequestState.CANCELLED.value)
 # Batches holding a claim on their requests until collected. (A collecting batch's requests
 # legitimately move on as they are requeued; what Redis lost there, (a) finds once finished.)
@@ -83,22 +79,6 @@ class ReconcileReport:
             + len(self.given_back)
             + self.orphans
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Ownership:
-    """Which of a batch's requests Redis still has batched under it."""
-
-    owned: list[str]
-    pending: list[str]  # back in their buffer: the claim was lost
-    missing: list[str]  # no hash at all (nobody else can take them)
-    elsewhere: list[str]  # finished, or claimed by another batch
-    moved: int  # rows packed into this batch that the record now files under another
-
-    @property
-    def intact(self) -> bool:
-        """Creating a provider job over the batch file bills no request twice."""
-        return not self.pending and not self.elsewhere and not self.moved
 
 
 def reconcile(
@@ -166,7 +146,7 @@ def last_activity(ctx: WorkerContext) -> datetime | None:
 
 
 def _repair_finished(ctx: WorkerContext, batch: Batch, report: ReconcileReport) -> None:
-    for rows in _request_chunks(ctx, batch.id):
+    for rows in request_rows(ctx, batch.id):
         states = _redis_states(ctx, [r[0] for r in rows])
         restore, requeue, lost, hashless = [], [], [], []
         bufs: dict[str, str] = {}
@@ -343,138 +323,13 @@ def _repair_unfinished(ctx: WorkerContext, batch_id: str, report: ReconcileRepor
         batch = session.get(Batch, batch_id)
     if batch is None or batch.state not in _HOLDING:
         return
-    ownership, reclaimed = _take_back(ctx, batch)
+    ownership, reclaimed = take_back(ctx, batch)
     report.reclaimed += reclaimed
-    if not ownership.intact and _give_back(ctx, batch, ownership):
+    if not ownership.intact and give_back(ctx, batch, ownership):
         report.given_back.append(batch.id)
 
 
-def batch_ownership(ctx: WorkerContext, batch: Batch) -> Ownership:
-    """Compare the record's requests of ``batch`` with what Redis has batched under it."""
-    owned: list[str] = []
-    pending: list[str] = []
-    missing: list[str] = []
-    elsewhere: list[str] = []
-    rows = 0
-    for chunk in _request_chunks(ctx, batch.id):
-        rows += len(chunk)
-        ids = [r[0] for r in chunk]
-        strays = _strays(ctx, batch.id, ids)
-        if not strays:
-            owned += ids  # the usual case: Redis holds every one under this batch
-            continue
-        for i, request_id in enumerate(ids):
-            if i not in strays:
-                owned.append(request_id)
-            elif strays[i] == "pending":
-                pending.append(request_id)
-            elif strays[i] is None:
-                missing.append(request_id)
-            else:
-                elsewhere.append(request_id)
-    return Ownership(owned, pending, missing, elsewhere, moved=max(batch.request_count - rows, 0))
-
-
-def batch_still_owns_requests(ctx: WorkerContext, batch_id: str) -> bool:
-    """Whether creating a provider job for this packed/uploaded batch bills no request twice.
-
-    Call it right before the create, holding the batch's lease. Requests found pending again
-    (their claim was lost) are taken back first. If another batch holds some of the requests
-    by now, the batch is given back unsent (FAILED, outcome ``unsent``: the collector sends
-    the requests it still owns round again, costing them no attempt) and False is returned:
-    do not create. Requests Redis has no trace of ride along (nobody else can take them;
-    their outcome is delivered from the record, see (a)).
-    """
-    with ctx.session() as session:
-        batch = session.get(Batch, batch_id)
-    if batch is None or batch.state not in (BatchState.PACKED, BatchState.UPLOADED):
-        return False
-    # The claim set the mark in the same script, and every script that takes a request out
-    # of a batch drops it: while it exists, no request was lost or moved, so the record's
-    # rows need not be read and each request's hash asked. On a 10,000-request batch that
-    # cost 6.5-20 us of CPU a request (this process and Redis), 0.2 with the mark. A Redis
-    # that lost the claim has lost the mark with it.
-    if ctx.redis.exists(ctx.keys.intact(batch_id)):
-        return True
-    ownership, _ = _take_back(ctx, batch)
-    if ownership.intact:
-        return True
-    _give_back(ctx, batch, ownership)
-    return False
-
-
-def _take_back(ctx: WorkerContext, batch: Batch) -> tuple[Ownership, int]:
-    ownership = batch_ownership(ctx, batch)
-    if not ownership.pending:
-        return ownership, 0
-    moved = 0
-    for start in range(0, len(ownership.pending), _CHUNK):
-        chunk = ownership.pending[start : start + _CHUNK]
-        args = [ctx.keys.base, batch.id, *chunk]
-        moved += len(ctx.scripts.run("reclaim_batch", [ctx.keys.buffers], args))
-    log.error(
-        "batch %s: Redis had lost its claim; %d of %d requests taken back from their buffer",
-        batch.id,
-        moved,
-        len(ownership.pending),
-    )
-    return batch_ownership(ctx, batch), moved
-
-
-def _give_back(ctx: WorkerContext, batch: Batch, ownership: Ownership) -> bool:
-    if batch.state not in (BatchState.PACKED, BatchState.UPLOADED):
-        # The provider job exists (or may): nothing saves the double charge now, but each
-        # request is still delivered once (finish.lua follows whichever batch Redis names).
-        log.error(
-            "batch %s (%s): %d of its requests are held by another batch since Redis lost "
-            "writes; they may be billed twice",
-            batch.id,
-            batch.state,
-            len(ownership.elsewhere) + ownership.moved,
-        )
-        return False
-    reason = (
-        f"Redis lost writes: {len(ownership.elsewhere) + ownership.moved} of its "
-        f"{batch.request_count} requests now belong to another batch; not sent, so none is "
-        "billed twice"
-    )
-    with ctx.session() as session:
-        moved = transition(
-            session,
-            batch.id,
-            BatchState.FAILED,
-            expect=[BatchState.PACKED, BatchState.UPLOADED],
-            outcome="unsent",
-            error=reason,
-            next_poll_at=ctx.now(),
-        )
-        session.commit()
-    if moved:
-        log.error("batch %s given back: %s", batch.id, reason)
-    return moved
-
-
 # Helpers.
-
-
-def _request_chunks(ctx: WorkerContext, batch_id: str) -> Iterator[list[tuple[str, str, str]]]:
-    """The record's (id, state, callback queue) of one batch's requests, in id order, chunked."""
-    after = ""
-    while True:
-        with ctx.session() as session:
-            rows = list(
-                session.exec(
-                    select(Request.id, Request.state, Request.callback_queue)
-                    .where(Request.batch_id == batch_id)
-                    .where(Request.id > after)
-                    .order_by(Request.id)
-                    .limit(_CHUNK)
-                ).all()
-            )
-        if not rows:
-            return
-        yield [(r[0], r[1], r[2]) for r in rows]
-        after = rows[-1][0]
 
 
 def _bodies_exist(ctx: WorkerContext, bufs: dict[str, str]) -> dict[str, bool]:
@@ -483,15 +338,6 @@ def _bodies_exist(ctx: WorkerContext, bufs: dict[str, str]) -> dict[str, bool]:
     for request_id, buf in bufs.items():
         pipe.hexists(ctx.keys.bodies(buf), request_id)
     return dict(zip(bufs, (bool(v) for v in pipe.execute()), strict=True))
-
-
-def _strays(ctx: WorkerContext, batch_id: str, ids: Sequence[str]) -> dict[int, str | None]:
-    """Position -> Redis state (None: no hash) of the ids not batched under ``batch_id``."""
-    reply = ctx.scripts.run("batch_strays", [], [ctx.keys.base, batch_id, *ids])
-    return {
-        int(reply[i]) - 1: None if reply[i + 1] is None else text(reply[i + 1])
-        for i in range(0, len(reply), 2)
-    }
 
 
 def _redis_states(ctx: WorkerContext, ids: Sequence[str]) -> list[tuple[str | None, ...]]:

@@ -14,7 +14,7 @@
 -- Key built here: {p}:intact:{batch}  string  the intact mark: set with the claim, dropped by
 -- every script that takes a request out of the batch (bb_drop_intact in _terminal.lua). While
 -- it exists, Redis holds every claimed request batched under this batch: see
--- worker/reconciler.py, batch_still_owns_requests.
+-- worker/batch_ownership.py, batch_still_owns_requests.
 -- Returns {claimed count, claimed bytes, reason, then per claimed request: id, cbq, attempts,
 -- webhook URL}
 -- (what the packer records in SQL), or {0, 0, ''} when the buffer is not due.
