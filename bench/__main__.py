@@ -22,7 +22,17 @@ from bench.harness import ROOT, Bench
 from bench.report import CaseResult, write
 
 # In this order: the cheap in-process cases first, the multi-process pipelines last.
-CASES = ("enqueue", "pack", "fanout", "consume", "memory", "floor", "end_to_end", "scaling")
+CASES = (
+    "enqueue",
+    "pack",
+    "fanout",
+    "consume",
+    "redis_steps",
+    "memory",
+    "floor",
+    "end_to_end",
+    "scaling",
+)
 
 
 def git_commit() -> str:
