@@ -101,6 +101,7 @@ def batch_still_owns_requests(ctx: WorkerContext, batch_id: str) -> bool:
 
 
 def take_back(ctx: WorkerContext, batch: Batch) -> tuple[Ownership, int]:
+    """Reclaim the batch's requests found pending again; its ownership after, and how many."""
     ownership = batch_ownership(ctx, batch)
     if not ownership.pending:
         return ownership, 0
@@ -119,6 +120,7 @@ def take_back(ctx: WorkerContext, batch: Batch) -> tuple[Ownership, int]:
 
 
 def give_back(ctx: WorkerContext, batch: Batch, ownership: Ownership) -> bool:
+    """Fail a packed/uploaded batch that lost requests as ``unsent``; True if this call did."""
     if batch.state not in (BatchState.PACKED, BatchState.UPLOADED):
         # The provider job exists (or may): nothing saves the double charge now, but each
         # request is still delivered once (finish.lua follows whichever batch Redis names).
