@@ -32,7 +32,6 @@ SIZE = 400
 QUEUES = tuple(f"steps-{i}" for i in range(4))
 ROUNDS = 3
 SUBMIT_CHUNK = 1000
-FANOUT_CHUNK = 2000  # worker.fan_out._CHUNK
 CONSUME_CHUNK = 500
 STEPS = ("submit", "pack", "read meta/cx", "deliver", "consume")
 
@@ -75,6 +74,7 @@ def one_round(bench: Bench, n: int, index: int) -> dict[str, float]:
     from shared.redis_layout import request_fields_args
     from shared.schemas import Result
     from worker.context import WorkerContext
+    from worker.fan_out import _CHUNK, _CHUNK_BYTES, _FIELDS
     from worker.packing import pack_due_buffers
 
     bench.flush()
@@ -97,25 +97,25 @@ def one_round(bench: Bench, n: int, index: int) -> dict[str, float]:
             }
             for i in range(n)
         ]
-        producer = Producer(settings=settings)
-        ids = measured(
-            "submit",
-            lambda: [
-                h.id
-                for start in range(0, n, SUBMIT_CHUNK)
-                for h in producer.submit_many(requests[start : start + SUBMIT_CHUNK])
-            ],
-        )
-        producer.close()
+        with Producer(settings=settings) as producer:
+            ids = measured(
+                "submit",
+                lambda: [
+                    h.id
+                    for start in range(0, n, SUBMIT_CHUNK)
+                    for h in producer.submit_many(requests[start : start + SUBMIT_CHUNK])
+                ],
+            )
         packed = measured("pack", lambda: pack_due_buffers(ctx, force=True))
         if [b.request_count for b in packed] != [n]:
             raise AssertionError(f"expected one batch of {n}, packed {packed}")
         batch_id = packed[0].id
-        chunks = [ids[start : start + FANOUT_CHUNK] for start in range(0, n, FANOUT_CHUNK)]
+        # As the collector applies outcomes: its chunk size, fields and byte budget.
+        chunks = [ids[start : start + _CHUNK] for start in range(0, n, _CHUNK)]
 
         def read_fields() -> None:
             for chunk in chunks:
-                args = request_fields_args(ctx.keys.base, chunk, ("meta", "cx"), 4 << 20)
+                args = request_fields_args(ctx.keys.base, chunk, _FIELDS, _CHUNK_BYTES)
                 ctx.scripts.run("request_fields", [], args)
 
         measured("read meta/cx", read_fields)
@@ -143,9 +143,11 @@ def one_round(bench: Bench, n: int, index: int) -> dict[str, float]:
             acked = 0
             for name in QUEUES:
                 queue = CallbackQueue(name, settings=settings)
-                while deliveries := queue.get_many(CONSUME_CHUNK, timeout=0.01):
-                    acked += queue.ack_many(deliveries)
-                queue.close()
+                try:
+                    while deliveries := queue.get_many(CONSUME_CHUNK, timeout=0.01):
+                        acked += queue.ack_many(deliveries)
+                finally:
+                    queue.close()
             return acked
 
         if measured("consume", consume) != n:
