@@ -27,7 +27,7 @@ from producer.protocol import (
     request_dict,
 )
 from producer.record import ResultRecord
-from producer.wakeup import AggregatorWaker
+from producer.wakeup import AsyncAggregatorWaker
 from shared.allocator import keep_freed_heap
 from shared.embedded_redis import resolve_redis_url
 from shared.redis_layout import Keys, script_source
@@ -55,13 +55,12 @@ class AsyncProducer:
     def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.load()
         keep_freed_heap(self.settings.malloc_top_pad_bytes)
-        self._url = redis_url or resolve_redis_url(self.settings)
-        self._client = Redis.from_url(self._url)
+        self._client = Redis.from_url(redis_url or resolve_redis_url(self.settings))
         self.keys = Keys(self.settings.key_prefix)
         self._enqueue = self._client.register_script(script_source("enqueue"))
         self._cancel = self._client.register_script(script_source("cancel"))
         self._record = ResultRecord(self.settings)
-        self._waker: AggregatorWaker | None = None
+        self._waker = AsyncAggregatorWaker(self._client, self.keys)
 
     @classmethod
     def from_env(cls) -> AsyncProducer:
@@ -195,16 +194,8 @@ class AsyncProducer:
         max_n = self.settings.max_batch_requests
         ids, full = read_enqueue_reply(prepared, reply, max_n, offset=offset)
         if full:
-            await asyncio.to_thread(self._wake, full)
+            await self._waker.wake(full)
         return [AsyncRequestHandle(request_id, self) for request_id in ids]
-
-    def _wake(self, bufs: set[str]) -> None:
-        # The wake-up is rare and Celery's client is synchronous: run it in a thread.
-        if self._waker is None:
-            from redis import Redis as SyncRedis
-
-            self._waker = AggregatorWaker(SyncRedis.from_url(self._url), self.keys, self._url)
-        self._waker.wake(bufs)
 
 
 class AsyncRequestHandle:

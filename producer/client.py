@@ -66,7 +66,7 @@ class Producer:
         self._client = client or Redis.from_url(url)
         self.keys = Keys(self.settings.key_prefix)
         self._scripts = Scripts(self._client)
-        self._waker = AggregatorWaker(self._client, self.keys, url)
+        self._waker = AggregatorWaker(self._client, self.keys)
         self._max_line = self.settings.max_line_bytes
         self._max_metadata = self.settings.max_metadata_bytes
         self._webhook_allow = self.settings.webhook_allow_cidrs

@@ -27,6 +27,9 @@ Every key starts with the configured prefix (default ``bb``):
                                     their buffer) that the reaper has yet to record in SQL
 ``{p}:lock:{name}``         string  short leases that keep periodic work single-flight
 ``{p}:wake:{buf}``          string  debounces aggregator wake-ups sent by producers
+``{p}:wakeups``             list    buffers whose producers asked for an aggregate now; every
+                                    worker's watcher pops it (worker/wakeups.py), at most the
+                                    newest 64 are kept
 ``{p}:epoch``               string  random id of this Redis dataset; SQL remembers it, so a
                                     wiped or replaced Redis is noticed (worker/redis_checks.py)
 ``{p}:counters``            hash    monotonic counters behind the metrics: outcomes, latency
@@ -205,6 +208,11 @@ class Keys:
     def wake(self, buf: str) -> str:
         """Debounce marker for aggregator wake-ups of one buffer."""
         return f"{self.prefix}:wake:{buf}"
+
+    @property
+    def wakeups(self) -> str:
+        """List of buffers whose producers asked for an aggregate now (workers pop it)."""
+        return f"{self.prefix}:wakeups"
 
     def webhook(self, delivery_id: str) -> str:
         """Hash of one webhook delivery waiting in the outbox."""

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-import orjson
 import pytest
 from redis import Redis
 
 from producer import InvalidRequest, Producer
-from shared import task_names
 from shared.redis_layout import Keys, buffer_name
 from shared.redis_layout import pending_ids as waiting_ids
 from shared.schemas import DEFAULT_PROVIDER, keyed_request_id, new_request_ids
 from shared.settings import Settings
-from tests.conftest import make_settings
 
 MESSAGES = [{"role": "user", "content": "Is this review positive? 'Great kettle.'"}]
 
@@ -136,27 +132,6 @@ def test_wait_times_out_for_a_request_without_result(producer: Producer) -> None
     with pytest.raises(TimeoutError):
         handle.wait(timeout=0.2)
     assert producer.state("no-such-id") == "unknown"
-
-
-def test_filling_a_buffer_wakes_the_aggregator_once(
-    redis_url: str, tmp_path: Path, redis_client: Redis
-) -> None:
-    # Given batches of 5 requests
-    settings = make_settings(redis_url, tmp_path, max_batch_requests=5)
-    producer = Producer(settings=settings)
-
-    # When a buffer reaches 5, then a wake-up message waits on the worker queue
-    producer.submit_many([{"model": "m-a", "messages": MESSAGES}] * 4)
-    assert redis_client.llen(task_names.QUEUE) == 0
-    producer.submit("m-a", MESSAGES)
-    assert redis_client.llen(task_names.QUEUE) == 1
-    message = orjson.loads(redis_client.lindex(task_names.QUEUE, 0))  # type: ignore[arg-type]
-    assert message["headers"]["task"] == task_names.AGGREGATE
-
-    # And more requests within the debounce window send no second one
-    producer.submit_many([{"model": "m-a", "messages": MESSAGES}] * 6)
-    assert redis_client.llen(task_names.QUEUE) == 1
-    producer.close()
 
 
 def test_a_key_redis_forgot_still_names_the_request_it_holds(

@@ -16,6 +16,7 @@ from shared.settings import Settings
 from worker.beat_scheduler import PATH as BEAT_SCHEDULER
 from worker.broker import TRANSPORT_PATH
 from worker.log_format import adapt_handlers
+from worker.wakeups import WakeupStep
 
 
 class BatchbridgeCelery(Celery):  # type: ignore[misc]  # Celery ships no types
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> BatchbridgeCelery:
     app = BatchbridgeCelery(settings)
     app.conf.update(celery_config(settings, resolve_redis_url(settings)))
     check_delivery_invariants(app.conf, settings)
+    app.steps["worker"].add(WakeupStep)
     return app
 
 
