@@ -118,6 +118,16 @@ def the_batch(ctx: WorkerContext) -> Batch:
     return batch
 
 
+def move_back(ctx: WorkerContext, batch_id: str, field: str, seconds: float) -> None:
+    """Move one of a batch's recorded times ``seconds`` into the past, as time passing would."""
+    with ctx.session() as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None and getattr(batch, field) is not None
+        setattr(batch, field, getattr(batch, field) - timedelta(seconds=seconds))
+        session.add(batch)
+        session.commit()
+
+
 def make_due(ctx: WorkerContext, batch_id: str) -> None:
     """Skip a batch's backoff, as time passing would."""
     with ctx.session() as session:
@@ -349,8 +359,9 @@ def test_a_job_that_is_gone_for_good_is_cancelled_then_sent_round(ctx: WorkerCon
 
 
 def test_a_missing_job_with_a_missing_input_file_waits_longer(ctx: WorkerContext) -> None:
-    # Given a job and its input file both unknown (as after a change of API key or project)
-    ctx.settings = ctx.settings.model_copy(update={"lost_job_grace_seconds": 0.3})
+    # Given a job and its input file both unknown (as after a change of API key or project);
+    # time passes by moving the record's first 404 back: a slow machine cannot overshoot
+    ctx.settings = ctx.settings.model_copy(update={"lost_job_grace_seconds": 30.0})
     flaky = use(ctx)
     submit(ctx)
     (packed,) = pack_due_buffers(ctx)
@@ -362,14 +373,14 @@ def test_a_missing_job_with_a_missing_input_file_waits_longer(ctx: WorkerContext
     # When it is polled past the grace period, then it is still waiting, saying why
     make_due(ctx, packed.id)
     poll_due_batches(ctx)
-    time.sleep(0.35)
+    move_back(ctx, packed.id, "not_found_since", 31)
     make_due(ctx, packed.id)
     poll_due_batches(ctx)
     batch = the_batch(ctx)
     assert batch.state == BatchState.SUBMITTED
     assert "API key or project" in (batch.error or "")
     # And only after four times the grace is it taken as lost
-    time.sleep(0.9)
+    move_back(ctx, packed.id, "not_found_since", 90)
     make_due(ctx, packed.id)
     poll_due_batches(ctx)
     assert (the_batch(ctx).state, the_batch(ctx).outcome) == ("collecting", "lost")
@@ -494,8 +505,9 @@ def test_batches_fail_cli_refuses_a_submitted_batch_and_fails_a_held_one(
 def test_completed_without_output_files_is_polled_again_then_sent_round_once(
     ctx: WorkerContext,
 ) -> None:
-    # Given a job the provider reports COMPLETED but without output or error files
-    ctx.settings = ctx.settings.model_copy(update={"missing_output_grace_seconds": 0.3})
+    # Given a job the provider reports COMPLETED but without output or error files (a grace
+    # no slow machine runs past between two polls: its end is reached by moving the record)
+    ctx.settings = ctx.settings.model_copy(update={"missing_output_grace_seconds": 60.0})
     flaky = use(ctx)
     ids = submit(ctx)
     (packed,) = pack_due_buffers(ctx)
@@ -513,7 +525,7 @@ def test_completed_without_output_files_is_polled_again_then_sent_round_once(
     assert the_batch(ctx).state == BatchState.SUBMITTED
 
     # And after it, its requests go round again as not run, costing one attempt
-    time.sleep(0.35)
+    move_back(ctx, packed.id, "no_output_since", 61)
     make_due(ctx, packed.id)
     poll_due_batches(ctx)
     collect_ready_batches(ctx)
