@@ -3,8 +3,9 @@
 A producer that fills a buffer pushes its name onto ``{p}:wakeups`` (``producer/wakeup.py``).
 Each worker's main process runs one watcher thread blocked on that list. The worker that pops
 a name empties the list, since one aggregate packs every buffer that is due and the names
-behind it say nothing new, and sends one aggregate task. A wake-up lost on the way (no
-worker running, Redis restarting) costs one aggregate tick of latency, never a request.
+behind it say nothing new, and sends one aggregate task. With no worker running the newest
+wake-ups wait in the list; one lost (Redis restarting, a send that fails) costs one
+aggregate tick of latency, never a request.
 """
 
 from __future__ import annotations

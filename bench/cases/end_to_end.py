@@ -79,7 +79,8 @@ def run(bench: Bench) -> CaseResult:
         baseline="pipelined RPUSH x1000",
         baseline_value=rpush,
         round_ratio=vs_rpush,
-        detail=f"{_rounds(rounds, 'rpush_rate')}; the median round: {ours['seconds']:.1f} s, "
+        detail=f"{_rounds(rates, [r['rpush_rate'] for r in rounds])}; "
+        f"the median round: {ours['seconds']:.1f} s, "
         f"submitting took {ours['submit_seconds']:.1f} s, {ours['batches']} batches, "
         f"worker CPU {ours['worker_cpu_s'] / n * 1e6:.0f} us/req, "
         f"Redis CPU {ours['redis_cpu_s'] / n * 1e6:.0f} us/req",
@@ -91,7 +92,8 @@ def run(bench: Bench) -> CaseResult:
         baseline="celery-batches enqueue + pack (one worker)",
         baseline_value=batched_rate,
         round_ratio=vs_batched,
-        detail=f"{_rounds(rounds, 'celery_batches')}; celery-batches returns no results",
+        detail=f"{_rounds(rates, [r['celery_batches']['rate'] for r in rounds])}; "
+        "celery-batches returns no results",
     )
     for stat in ("overhead_p50", "overhead_p99", "latency_p50", "latency_p99"):
         kind, pct = stat.split("_")
@@ -141,15 +143,12 @@ def run_round(bench: Bench, n: int, k: int) -> dict[str, Any]:
     return {"ours": ours, "rpush_rate": rpush, "celery_batches": batched}
 
 
-def _rounds(rounds: list[dict[str, Any]], baseline: str) -> str:
+def _rounds(ours: list[float], baseline: list[float]) -> str:
     """Each round's rate and the baseline's, for the table's notes."""
-    if len(rounds) == 1:
+    if len(ours) == 1:
         return "one round"
-    pairs = []
-    for r in rounds:
-        other = r[baseline]["rate"] if isinstance(r[baseline], dict) else r[baseline]
-        pairs.append(f"{float(r['ours']['rate']):,.0f}/{float(other):,.0f}")
+    pairs = ", ".join(f"{o:,.0f}/{float(b):,.0f}" for o, b in zip(ours, baseline, strict=True))
     return (
-        f"median of the ratios of {len(rounds)} rounds (each: the pipeline, then the "
-        f"baseline; req/s ours/baseline {', '.join(pairs)})"
+        f"median of the ratios of {len(ours)} rounds (each: the pipeline, then the "
+        f"baseline; req/s ours/baseline {pairs})"
     )
