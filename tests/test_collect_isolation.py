@@ -165,7 +165,7 @@ def test_a_success_line_wins_over_an_error_line_whatever_the_order(
     ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given requests with several lines each, spread over both files, many chunks and buckets
-    monkeypatch.setattr(fan_out, "_CHUNK", 2)
+    monkeypatch.setattr(fan_out, "CHUNK_RESULTS", 2)
     monkeypatch.setattr(result_buckets, "BUCKET_LINES", 3)
     ids = submit(ctx)
     out, err = run_to_results(ctx)
@@ -363,7 +363,7 @@ def test_a_chunks_metadata_is_read_before_the_previous_chunk_is_delivered(
 ) -> None:
     # Given a batch of 10 finished requests, applied 4 at a time, and Redis logging every
     # command it runs, in the order it runs them
-    monkeypatch.setattr(fan_out, "_CHUNK", 4)
+    monkeypatch.setattr(fan_out, "CHUNK_RESULTS", 4)
     ids = submit(ctx)
     run_to_results(ctx)
     names = {ctx.scripts.sha(name): name for name in ("request_fields", "finish")}

@@ -37,13 +37,13 @@ from worker.result_lines import LineOutcome, LineProblems, reread_result_lines
 
 log = logging.getLogger(__name__)
 # Outcomes are applied this many at a time (one script call, one SQL commit per chunk), or
-# sooner once their lines add up to _CHUNK_BYTES: the bound on what a chunk holds in memory
+# sooner once their lines add up to CHUNK_BYTES: the bound on what a chunk holds in memory
 # when responses (or metadata) are large. Up to four chunks are in memory at once (one being
 # read, one applied and held back, one being delivered, one being recorded); 2,000 results
 # with 16 KB of metadata each peaked at 246 MB with 8 MB chunks, 204 MB with 4 MB.
-_CHUNK = 2000
-_CHUNK_BYTES = 4 << 20
-_FIELDS = ("meta", "cx")  # what a result needs of its request's hash
+CHUNK_RESULTS = 2000
+CHUNK_BYTES = 4 << 20
+REQUEST_FIELDS = ("meta", "cx")  # what a result needs of its request's hash
 # An outcome to deliver: the line's outcome, the Result's JSON and the provider's usage.
 _Final = tuple[LineOutcome, bytes, object]
 # Token counts are recorded in 32-bit integer columns; no real request comes near this.
@@ -100,7 +100,7 @@ class FanOut:
         self.seen.add(request_id)
         self._pending.append(outcome)
         self._pending_bytes += outcome.size
-        if len(self._pending) >= _CHUNK or self._pending_bytes >= _CHUNK_BYTES:
+        if len(self._pending) >= CHUNK_RESULTS or self._pending_bytes >= CHUNK_BYTES:
             self.flush()
 
     def add_held_back_failures(self) -> None:
@@ -121,11 +121,11 @@ class FanOut:
         if not chunk:
             return
         ctx, ids = self.ctx, [o.request_id for o in chunk]
-        # Metadata is read in parts of about _CHUNK_BYTES, so results carrying large metadata
+        # Metadata is read in parts of about CHUNK_BYTES, so results carrying large metadata
         # are applied fewer at a time: what a part holds stays bounded whatever it carries.
         # The read is sent before the previous chunk's delivery: Redis runs one script at a
         # time, and behind a whole chunk of finish.lua the read used to wait.
-        args = request_fields_args(ctx.keys.base, ids, _FIELDS, _CHUNK_BYTES)
+        args = request_fields_args(ctx.keys.base, ids, REQUEST_FIELDS, CHUNK_BYTES)
         first = SentScript(ctx.scripts, ctx.redis, "request_fields", [], args)
         try:
             self._send_held()
@@ -133,7 +133,7 @@ class FanOut:
             first.discard()
             raise
         parts = request_fields_within(
-            ctx.scripts, ctx.keys.base, ids, _FIELDS, _CHUNK_BYTES, first=first
+            ctx.scripts, ctx.keys.base, ids, REQUEST_FIELDS, CHUNK_BYTES, first=first
         )
         for start, fields in parts:
             self._apply(chunk[start : start + len(fields)], fields)

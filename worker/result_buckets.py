@@ -21,7 +21,7 @@ from typing import IO
 
 from worker.result_lines import LineProblems, parsed_line
 
-# Neighbouring requests per bucket: one fan-out chunk (worker.fan_out._CHUNK).
+# Neighbouring requests per bucket: one fan-out chunk (worker.fan_out.CHUNK_RESULTS).
 BUCKET_LINES = 2000
 _NO_LINE = -1  # rows packed before line numbers were recorded: one bucket of their own
 _KEY = b'"custom_id"'

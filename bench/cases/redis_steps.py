@@ -74,7 +74,7 @@ def one_round(bench: Bench, n: int, index: int) -> dict[str, float]:
     from shared.redis_layout import request_fields_args
     from shared.schemas import Result
     from worker.context import WorkerContext
-    from worker.fan_out import _CHUNK, _CHUNK_BYTES, _FIELDS
+    from worker.fan_out import CHUNK_BYTES, CHUNK_RESULTS, REQUEST_FIELDS
     from worker.packing import pack_due_buffers
 
     bench.flush()
@@ -111,11 +111,11 @@ def one_round(bench: Bench, n: int, index: int) -> dict[str, float]:
             raise AssertionError(f"expected one batch of {n}, packed {packed}")
         batch_id = packed[0].id
         # As the collector applies outcomes: its chunk size, fields and byte budget.
-        chunks = [ids[start : start + _CHUNK] for start in range(0, n, _CHUNK)]
+        chunks = [ids[start : start + CHUNK_RESULTS] for start in range(0, n, CHUNK_RESULTS)]
 
         def read_fields() -> None:
             for chunk in chunks:
-                args = request_fields_args(ctx.keys.base, chunk, _FIELDS, _CHUNK_BYTES)
+                args = request_fields_args(ctx.keys.base, chunk, REQUEST_FIELDS, CHUNK_BYTES)
                 ctx.scripts.run("request_fields", [], args)
 
         measured("read meta/cx", read_fields)
