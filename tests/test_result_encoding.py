@@ -45,7 +45,7 @@ def test_encode_refuses_metadata_that_is_not_an_object_as_the_model_does() -> No
         Result.encode(request_id="r1", status="completed", metadata=[1])  # type: ignore[arg-type]
 
 
-json_numbers = st.recursive(
+wide_json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-(2**63), 2**64 - 1)
@@ -61,16 +61,16 @@ json_numbers = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(
     status=st.sampled_from(["completed", "failed", "cancelled"]),
-    response=st.none() | st.dictionaries(st.text(max_size=5), json_numbers, max_size=4),
+    response=st.none() | st.dictionaries(st.text(max_size=5), wide_json_values, max_size=4),
     error=st.none() | st.builds(ErrorInfo, code=st.text(max_size=5), message=st.text()),
     attempts=st.integers(0, 10),
-    metadata=st.none() | st.dictionaries(st.text(max_size=5), json_numbers, max_size=4),
+    metadata=st.none() | st.dictionaries(st.text(max_size=5), wide_json_values, max_size=4),
     dry_run=st.booleans(),
 )
 def test_a_consumer_reads_back_the_result_the_collector_encoded(**fields: Any) -> None:
     # Given any result the collector can encode (floats, 64-bit integers, any text), when a
-    # consumer parses the bytes from its stream then it gets the very same Result: the
-    # validator's own JSON parser reads numbers and escapes as orjson wrote them.
+    # consumer parses the bytes from its stream then it gets the very same Result: every
+    # number, escape and key comes back as the encoder wrote it.
     assert Result.from_json(Result.encode(request_id="r1", **fields)) == Result(
         request_id="r1", **fields
     )
