@@ -54,7 +54,7 @@ soak: install-dev
 	BATCHBRIDGE_TEST_LEDGER_DIR=$(LEDGERS) $(BIN)/python -m pytest -q -s -m soak tests/reliability; \
 	status=$$?; $(BIN)/python -m tests.reliability.results $(LEDGERS) "make soak"; exit $$status
 
-# Every benchmark case on one Redis, against its baseline in the same run (~7 min): writes
+# Every benchmark case on one Redis, against its baseline in the same run (7-10 min): writes
 # bench/results/latest.md and latest.json, and fails when a target is missed.
 bench: install-dev
 	$(BIN)/python -m bench
