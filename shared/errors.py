@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote
 
-from shared.settings import ENV_PREFIX
+from shared.settings import ENV_PREFIX, url_secrets
 
 _URL_VARIABLES = (f"{ENV_PREFIX}DATABASE_URL", f"{ENV_PREFIX}REDIS_URL")
 
@@ -23,12 +23,10 @@ def redact(text: str) -> str:
     terminal or a log.
     """
     for name in _URL_VARIABLES:
-        try:
-            password = urlsplit(os.environ.get(name, "")).password
-        except ValueError:
-            continue
-        if password:
-            text = text.replace(password, "***")
+        for secret in url_secrets(os.environ.get(name, "")):
+            # A driver may echo it as written in the URL or decoded.
+            for form in {secret, unquote(secret), quote(secret, safe="")}:
+                text = text.replace(form, "***")
     return text
 
 

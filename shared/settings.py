@@ -33,6 +33,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Standard Webhooks: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 _SECRET_SPLIT = re.compile(r"[\s,]+")
+# Query parameters of a URL that carry a secret (libpq: password, sslpassword; redis-py:
+# password), and the names other drivers use for one.
+_SECRET_QUERY = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
 # BATCHBRIDGE_* variables read outside Settings: the local provider's fault injection and
 # API key, and the test and benchmark suites' servers.
 _OTHER_VARIABLE_PREFIXES = ("LOCAL_", "TEST_", "BENCH_")
@@ -308,21 +311,49 @@ def check_database_url(url: str) -> None:
         ) from None
 
 
+def url_secrets(url: str) -> list[str]:
+    """The secrets written into ``url``: its password and any secret-named query values.
+
+    Drivers take a password from the query string too (``?password=`` for redis-py and
+    libpq), so masking only the ``user:password@`` part would print it in clear.
+    """
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return []
+    return found + [value for name, value in pairs if value and _SECRET_QUERY.search(name)]
+
+
 def safe_url(url: str) -> str:
     """``url`` with any password replaced by ``***``, fit for logs and status output."""
     from urllib.parse import urlsplit, urlunsplit
 
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if parts.port is not None:
+                host = f"{host}:{parts.port}"
+            parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+        if parts.query:
+            parts = parts._replace(query=_masked_query(parts.query))
+        return urlunsplit(parts)
     except ValueError:
         return "<unparseable URL>"
+
+
+def _masked_query(query: str) -> str:
+    # Masked in the text as written, so nothing else about the query changes.
+    fields = []
+    for field in query.split("&"):
+        name, sep, value = field.partition("=")
+        secret = sep and value and _SECRET_QUERY.search(name)
+        fields.append(f"{name}=***" if secret else field)
+    return "&".join(fields)
 
 
 def webhook_keys(secret: SecretStr) -> list[bytes]:

@@ -98,6 +98,42 @@ def test_safe_url_masks_only_the_password() -> None:
     assert safe_url("redis://h:1/0") == "redis://h:1/0"
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            f"postgresql+psycopg://bb@db/bb?password={PASSWORD}",
+            "postgresql+psycopg://bb@db/bb?password=***",
+        ),
+        (
+            f"redis://h:1/0?password={PASSWORD}&socket_timeout=3",
+            "redis://h:1/0?password=***&socket_timeout=3",
+        ),
+        (
+            f"postgresql://bb:{PASSWORD}@db/x?sslmode=require&sslpassword={PASSWORD}",
+            "postgresql://bb:***@db/x?sslmode=require&sslpassword=***",
+        ),
+        ("postgresql://bb@db/x?sslmode=require", "postgresql://bb@db/x?sslmode=require"),
+    ],
+)
+def test_safe_url_masks_a_password_given_in_the_query_too(url: str, shown: str) -> None:
+    # Given a URL whose driver takes the password from its query string
+    # When it is made fit for output / Then the secret values are masked and nothing else
+    assert safe_url(url) == shown
+
+
+def test_errors_echoing_a_query_string_password_are_redacted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a database URL carrying its password in the query, as libpq allows
+    monkeypatch.setenv("BATCHBRIDGE_DATABASE_URL", f"postgresql://bb@db/bb?password={PASSWORD}")
+    # When a driver's error echoes the URL or the password
+    exc = RuntimeError(f"connection to postgresql://bb@db/bb?password={PASSWORD} failed")
+    # Then the one line shown has the password masked
+    assert PASSWORD not in describe_error(exc)
+    assert "password=***" in describe_error(exc)
+
+
 def test_an_unreachable_redis_is_one_line_naming_the_variable_and_address() -> None:
     from shared.embedded_redis import free_port
 

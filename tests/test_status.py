@@ -266,6 +266,16 @@ def test_the_database_password_is_masked_too(redis_url: str, tmp_path: Path) -> 
     assert shown == "postgresql+psycopg://bb:***@db.internal:5432/batchbridge"
 
 
+def test_a_database_password_in_the_query_is_masked(redis_url: str, tmp_path: Path) -> None:
+    # Given a database URL with its password as a query parameter (libpq takes it there)
+    url = "postgresql+psycopg://bb@db.internal/batchbridge?password=db-s3cret-9&sslmode=require"
+    settings = make_settings(redis_url, tmp_path, database_url=url)
+    # When the status report shows the sources / Then the password is masked, the rest kept
+    shown = safe_database_url(settings)
+    assert "db-s3cret-9" not in shown
+    assert shown.endswith("/batchbridge?password=***&sslmode=require")
+
+
 def test_every_batch_status_has_a_sql_filter_that_agrees(worker_context: WorkerContext) -> None:
     # Given a batch for every combination of state, outcome and hold
     ctx = worker_context

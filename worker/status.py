@@ -44,7 +44,6 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import ResponseError
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
 from shared.db import make_engine
@@ -125,11 +124,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
 
 
 def safe_database_url(settings: Settings) -> str:
-    """The database URL with any password replaced by ``***``."""
-    try:
-        return make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)
-    except Exception:  # an unparseable URL is refused at start-up; never echo it here
-        return "<unparseable URL>"
+    """The database URL with any password (in its user part or its query) masked."""
+    return safe_url(settings.sqlalchemy_url)
 
 
 def callback_queues(client: Redis, keys: Keys, now_ms: int) -> list[dict[str, Any]]:
