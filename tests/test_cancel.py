@@ -12,15 +12,17 @@ from collections import Counter
 
 import pytest
 from sqlmodel import select
+from typer.testing import CliRunner
 
 from producer import Producer, Result
 from shared.models import Batch, BatchState, Request
 from shared.providers.local import LocalProvider
-from tests.conftest import drive_pipeline, force_claim, run_local_jobs
+from tests.conftest import drive_pipeline, force_claim, run_local_jobs, settings_env
 from tests.conftest import submit_requests as submit
 from worker.batch_cancel import NotCancellable, request_batch_cancel
 from worker.cancellation import CANCELLED_IN_BATCH, record_unbatched
 from worker.claims import abandon_claim
+from worker.cli import app as cli
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
 from worker.lifecycle import submit_ready_batches
@@ -243,6 +245,25 @@ def test_cancelling_a_batch_before_submission(ctx: WorkerContext, requeue: bool)
         assert {r.status for r in results} == {"cancelled"}
     with pytest.raises(NotCancellable, match="finished"):
         request_batch_cancel(ctx, packed.id)
+
+
+def test_the_cli_refuses_to_cancel_a_finished_batch_with_exit_1(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch that has run and been collected
+    submit(ctx, 3)
+    (packed,) = pack_due_buffers(ctx, force=True)
+    drive_pipeline(ctx)
+    for name, value in settings_env(ctx.settings).items():
+        monkeypatch.setenv(name, value)
+
+    # When the operator asks the CLI to cancel it, or a batch that does not exist
+    finished = CliRunner().invoke(cli, ["batches", "cancel", packed.id])
+    unknown = CliRunner().invoke(cli, ["batches", "cancel", "no-such-batch"])
+
+    # Then both are refused as answers (exit 1), not as set-up problems (exit 2)
+    assert finished.exit_code == 1 and "finished" in finished.output
+    assert unknown.exit_code == 1 and "no-such-batch" in unknown.output
 
 
 @pytest.mark.parametrize("requeue", [False, True])

@@ -489,14 +489,14 @@ def test_batches_fail_cli_refuses_a_submitted_batch_and_fails_a_held_one(
 
     # When the operator fails each, then the submitted one is refused, changing nothing
     refused = runner.invoke(cli, ["batches", "fail", sent.id])
-    assert refused.exit_code == 2
+    assert refused.exit_code == 1  # an answer about the batch, not a set-up problem
     assert "only a batch not yet submitted" in " ".join(refused.output.split())
     failed = runner.invoke(cli, ["batches", "fail", held.id])
     assert failed.exit_code == 0, failed.output
     with ctx.session() as session:
         states = {b.id: (b.state, b.outcome) for b in session.exec(select(Batch))}
     assert states == {sent.id: ("submitted", None), held.id: ("failed", "failed")}
-    assert runner.invoke(cli, ["batches", "fail", "no-such-batch"]).exit_code == 2
+    assert runner.invoke(cli, ["batches", "fail", "no-such-batch"]).exit_code == 1
 
 
 # Item 4: COMPLETED without output files

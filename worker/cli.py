@@ -238,7 +238,7 @@ def batches_fail(
         try:
             batch = fail_unsent_batch(ctx, batch_id, force=force)
         except NotFailable as exc:
-            raise fail(exc) from None
+            raise fail(exc, 1) from None
     console.print(
         f"batch {batch.id} failed: its {batch.request_count} requests get failed results "
         "at the next collect"

@@ -120,5 +120,5 @@ def batches_cancel(
         try:
             said = request_batch_cancel(ctx, batch_id, requeue=requeue)
         except NotCancellable as exc:
-            raise fail(exc) from None
+            raise fail(exc, 1) from None
     console.print(said)
