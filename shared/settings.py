@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from shared.crash_points import parse_crash_plan
 from shared.limits import TOGETHER_MAX_BATCH_BYTES, TOGETHER_MAX_BATCH_REQUESTS
@@ -41,6 +42,11 @@ _SECRET_QUERY = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNO
 _OTHER_VARIABLE_PREFIXES = ("LOCAL_", "TEST_", "BENCH_")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 log = logging.getLogger("batchbridge.settings")
+# What the settings read as JSON must look like, for the error when one does not parse.
+_JSON_SHAPES = {
+    "webhook_endpoint_secrets": "a JSON object of URL prefix to secret, "
+    + 'e.g. {"https://h/": "whsec_..."}',
+}
 
 
 class SettingsError(ValueError):
@@ -229,6 +235,8 @@ class Settings(BaseSettings):
             return cls(**overrides)  # type: ignore[arg-type]
         except ValidationError as exc:
             raise SettingsError(describe_validation_error(exc)) from None
+        except PydanticSettingsError as exc:  # a value that should be JSON and is not
+            raise SettingsError(describe_decoding_error(exc)) from None
 
     @property
     def configured_redis_url(self) -> str | None:
@@ -373,6 +381,15 @@ def webhook_keys(secret: SecretStr) -> list[bytes]:
             raise ValueError("a secret must hold 24 to 64 bytes (32 recommended)")
         keys.append(key)
     return keys
+
+
+def describe_decoding_error(exc: PydanticSettingsError) -> str:
+    """Name the variable pydantic-settings could not decode as JSON (never its value)."""
+    found = re.search(r'field "(\w+)"', str(exc))
+    field = found.group(1) if found else ""
+    name = f"{ENV_PREFIX}{field.upper()}" if field else f"a {ENV_PREFIX}* variable"
+    shape = _JSON_SHAPES.get(field, "valid JSON")
+    return f"invalid settings: {name}: must be {shape} (value not shown: it may hold a secret)"
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -74,6 +74,19 @@ def test_a_bad_url_fails_at_load_naming_the_variable_and_never_the_password(
     assert value not in str(err.value)
 
 
+def test_a_variable_that_is_not_the_json_it_must_be_is_named_and_not_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given endpoint secrets that are not JSON (here: a bare secret, as for webhook_secret)
+    monkeypatch.setenv("BATCHBRIDGE_WEBHOOK_ENDPOINT_SECRETS", f"whsec_{PASSWORD}")
+    # When the settings load / Then the error is ours, naming the variable and the shape
+    with pytest.raises(SettingsError) as err:
+        Settings.load()
+    message = str(err.value)
+    assert message.startswith("invalid settings: BATCHBRIDGE_WEBHOOK_ENDPOINT_SECRETS: ")
+    assert "JSON object" in message and PASSWORD not in message
+
+
 def test_urls_with_passwords_are_kept_out_of_reprs_and_celery_conf(tmp_path: Path) -> None:
     # Given settings whose Redis and database URLs carry passwords
     settings = Settings.load(
