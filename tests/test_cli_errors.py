@@ -76,3 +76,56 @@ def test_a_celery_worker_that_cannot_reach_redis_stops_with_one_line(tmp_path: P
     assert "BATCHBRIDGE_REDIS_URL" in done.stderr
     assert "Traceback" not in done.stderr and "Trying again" not in done.stderr
     assert PASSWORD not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["up", "--concurrency", "0"], "--concurrency"),
+        (["up", "--metrics-port", "99999"], "--metrics-port"),
+        (["metrics", "--port", "99999"], "--port"),
+        (["local-api", "--port", "99999"], "--port"),
+        (["local-api", "--concurrency", "0"], "--concurrency"),
+        (["local-api", "--fail-rate", "2"], "--fail-rate"),
+        (["submit", "--model", "m", "--prompt", "p", "--wait", "--timeout", "-5"], "--timeout"),
+        (["demo", "--requests", "0"], "--requests"),
+    ],
+)
+def test_an_option_out_of_its_range_is_refused_naming_it_before_anything_runs(
+    tmp_path: Path, command: list[str], option: str
+) -> None:
+    # Given a value outside what the option allows (a port above 65535, no processes, ...)
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    env = {"BATCHBRIDGE_DATA_DIR": str(tmp_path / "data")}
+    env["BATCHBRIDGE_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+
+    # When the command is run
+    done = CliRunner().invoke(app, command, env=env)
+
+    # Then it exits 2 naming the option and its bound, having started and stored nothing
+    assert done.exit_code == 2, done.output
+    shown = " ".join(done.output.replace("│", " ").split())
+    assert f"Invalid value for '{option}': Input should be" in shown
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("since", ["800000d", "99999999999999d"])
+def test_a_cost_window_too_long_for_the_calendar_is_refused_naming_the_option(
+    tmp_path: Path, since: str
+) -> None:
+    # Given a --since so long that "now minus it" falls before year 1
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    # When the cost report is asked for / Then one error line names --since and its bound
+    env = {"BATCHBRIDGE_DATA_DIR": str(tmp_path / "data")}
+    done = CliRunner().invoke(app, ["cost", "--since", since], env=env)
+    assert done.exit_code == 2, done.output
+    assert (
+        done.output.strip()
+        == f"error: --since: must be at most 100 years, e.g. 5200w (got '{since}')"
+    )

@@ -664,8 +664,8 @@ def test_the_not_found_window_opens_and_closes_on_the_clock_of_the_start() -> No
 @pytest.mark.parametrize(
     ("args", "env", "named"),
     [
-        (["--lost-answer-rate", "2"], {}, "lost_answer_rate"),
-        (["--answer-delay", "-1"], {}, "answer_delay"),
+        (["--lost-answer-rate", "2"], {}, "--lost-answer-rate"),
+        (["--answer-delay", "-1"], {}, "--answer-delay"),
         (["--not-found-window", "5"], {}, "--not-found-window"),
         ([], {"BATCHBRIDGE_LOCAL_NOT_FOUND_WINDOW": "5:-1"}, "BATCHBRIDGE_LOCAL_NOT_FOUND_WINDOW"),
         ([], {"BATCHBRIDGE_LOCAL_ANSWER_DELAY": "soon"}, "BATCHBRIDGE_LOCAL_ANSWER_DELAY"),

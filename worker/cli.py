@@ -25,16 +25,18 @@ log = logging.getLogger("batchbridge")
 
 @app.command()
 def up(
-    concurrency: Annotated[int | None, typer.Option(help="worker processes")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="worker processes")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
     max_restarts: Annotated[
-        int, typer.Option(help="give up on a child that dies this many times ...")
+        int, typer.Option(min=1, help="give up on a child that dies this many times ...")
     ] = 5,
-    restart_window: Annotated[float, typer.Option(help="... within this many seconds")] = 60.0,
+    restart_window: Annotated[
+        float, typer.Option(min=0, help="... within this many seconds")
+    ] = 60.0,
     flower: Annotated[bool, typer.Option(help="run Flower on 127.0.0.1")] = True,
-    flower_port: Annotated[int, typer.Option(help="Flower's port")] = 5555,
+    flower_port: Annotated[int, typer.Option(min=1, max=65535, help="Flower's port")] = 5555,
     metrics: Annotated[bool, typer.Option(help="serve Prometheus metrics on 127.0.0.1")] = True,
-    metrics_port: Annotated[int, typer.Option(help="the metrics port")] = 9808,
+    metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="the metrics port")] = 9808,
     local_api: Annotated[
         bool | None,
         typer.Option(help="serve local-api at TOGETHER_BASE_URL [default: when it is loopback]"),
@@ -80,8 +82,8 @@ def up(
 
 @app.command()
 def demo(
-    requests: Annotated[int, typer.Option(help="how many sample requests to push")] = 1200,
-    timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 300.0,
+    requests: Annotated[int, typer.Option(min=1, help="how many sample requests to push")] = 1200,
+    timeout: Annotated[float, typer.Option(min=0, help="give up after this many seconds")] = 300.0,
 ) -> None:
     """Push a sample classification workload through the whole pipeline and summarise it."""
     from worker.demo import run_demo
@@ -96,33 +98,43 @@ app.command("status")(cli_status.status)
 @app.command("local-api")
 def local_api(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8765,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on")] = 8765,
     api_key: Annotated[
         str | None,
         typer.Option(envvar="BATCHBRIDGE_LOCAL_API_KEY", help="require this bearer token"),
     ] = None,
-    concurrency: Annotated[int, typer.Option(help="batches run at once")] = 2,
+    concurrency: Annotated[int, typer.Option(min=1, help="batches run at once")] = 2,
     fail_rate: Annotated[
-        float | None, typer.Option(help="fraction of API calls answered 429 or 500")
+        float | None, typer.Option(min=0, max=1, help="fraction of API calls answered 429 or 500")
     ] = None,
     line_error_rate: Annotated[
-        float | None, typer.Option(help="fraction of lines failed with a retryable error")
+        float | None,
+        typer.Option(min=0, max=1, help="fraction of lines failed with a retryable error"),
     ] = None,
     expire_after: Annotated[
-        float | None, typer.Option(help="running batches turn EXPIRED after this many seconds")
+        float | None,
+        typer.Option(min=0, help="running batches turn EXPIRED after this many seconds"),
     ] = None,
-    line_delay: Annotated[float | None, typer.Option(help="seconds of work per line")] = None,
+    line_delay: Annotated[
+        float | None, typer.Option(min=0, help="seconds of work per line")
+    ] = None,
     lost_answer_rate: Annotated[
         float | None,
-        typer.Option(help="fraction of batch creates that happen but are answered 500/504"),
+        typer.Option(
+            min=0, max=1, help="fraction of batch creates that happen but are answered 500/504"
+        ),
     ] = None,
     answer_delay: Annotated[
         float | None,
-        typer.Option(help="seconds every API answer is held back after the call took effect"),
+        typer.Option(
+            min=0, help="seconds every API answer is held back after the call took effect"
+        ),
     ] = None,
     no_output_rate: Annotated[
         float | None,
-        typer.Option(help="fraction of batches that complete but name no output file"),
+        typer.Option(
+            min=0, max=1, help="fraction of batches that complete but name no output file"
+        ),
     ] = None,
     not_found_window: Annotated[
         str | None,

@@ -15,7 +15,7 @@ from worker.interrupts import StopRequest
 
 
 def metrics(
-    port: Annotated[int, typer.Option(help="the port to listen on")] = 9808,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="the port to listen on")] = 9808,
     host: Annotated[str, typer.Option(help="the address to listen on")] = "127.0.0.1",
 ) -> None:
     """Serve Prometheus metrics for the workers on this Redis/SQL (for `celery worker` users).

@@ -60,7 +60,7 @@ def submit(
         Path | None, typer.Option(help="with --file: write the ids here, not to stdout")
     ] = None,
     wait: Annotated[bool, typer.Option(help="wait for the result and print it")] = False,
-    timeout: Annotated[float, typer.Option(help="seconds to wait")] = 600.0,
+    timeout: Annotated[float, typer.Option(min=0, help="seconds to wait")] = 600.0,
 ) -> None:
     """Submit one request (print its id; --wait: and its result) or a --file of them."""
     meta = _metadata(metadata)

@@ -31,6 +31,7 @@ GROUPINGS: tuple[str, ...] = get_args(GroupBy)
 DEFAULT_SINCE = "7d"
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+_MAX_SINCE_SECONDS = 100 * 366 * 86_400
 _TERMINAL = sorted(state.value for state in TERMINAL_REQUEST_STATES)
 # The local provider only runs the echo engine (Settings.local_engine), so its batches are
 # dry runs whatever their results say.
@@ -50,7 +51,10 @@ def parse_since(text: str) -> timedelta:
             "must be a whole number above 0 followed by s, m, h, d or w, e.g. 7d, 12h or 30m "
             f"(got {text!r})"
         )
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > _MAX_SINCE_SECONDS:  # "now minus" it would fall before year 1
+        raise ValueError(f"must be at most 100 years, e.g. 5200w (got {text!r})")
+    return timedelta(seconds=seconds)
 
 
 @dataclass(slots=True)
