@@ -60,6 +60,13 @@ SECRET = "whsec_" + base64.b64encode(b"batchbridge-metrics-secret-01").decode()
 LUA = Path(__file__).resolve().parent.parent / "shared" / "redis_scripts" / "_terminal.lua"
 
 
+def documented_metrics() -> dict[str, str]:
+    """Name -> type of each metric in the README's table."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `(batchbridge_\w+)` \| (\w+) \|", readme, re.MULTILINE)
+    return dict(rows)
+
+
 def scrape(collector: BatchbridgeCollector) -> str:
     registry = CollectorRegistry()
     registry.register(collector)
@@ -282,8 +289,14 @@ def test_cost_is_the_priced_tokens_at_batch_and_realtime_prices(
     scraped = samples_of(scrape(collector))
     # Then the cost is that of the 4 paid answers: 6,000 tokens at $0.88 per 1M, half off
     where = {"provider": "local", "model": priced}
-    assert value(scraped, "batchbridge_realtime_cost_usd_total", **where) == pytest.approx(0.00528)
-    assert value(scraped, "batchbridge_cost_usd_total", **where) == pytest.approx(0.00264)
+    assert value(scraped, "batchbridge_realtime_cost_usd", **where) == pytest.approx(0.00528)
+    assert value(scraped, "batchbridge_cost_usd", **where) == pytest.approx(0.00264)
+    # ... as gauges: a price change reprices every token, so the value may fall
+    types = {family.name: family.type for family in collector.collect()}
+    assert types["batchbridge_cost_usd"] == types["batchbridge_realtime_cost_usd"] == "gauge"
+    # ... and every family scraped is the one the README's table documents, of that type
+    emitted = {name + ("_total" if kind == "counter" else ""): kind for name, kind in types.items()}
+    assert emitted == documented_metrics()
     # ... the dry run's tokens are counted apart and cost nothing
     paid = value(scraped, "batchbridge_prompt_tokens_total", dry_run="false", **where)
     assert paid == 4000
@@ -292,8 +305,7 @@ def test_cost_is_the_priced_tokens_at_batch_and_realtime_prices(
     unpriced = {"provider": "local", "model": "m-unpriced"}
     assert value(scraped, "batchbridge_prompt_tokens_total", dry_run="false", **unpriced) == 2000
     assert not any(
-        name.endswith("cost_usd_total") and ("model", "m-unpriced") in labels
-        for name, labels in scraped
+        name.endswith("cost_usd") and ("model", "m-unpriced") in labels for name, labels in scraped
     )
 
 

@@ -281,12 +281,15 @@ def _cost_families(values: CounterValues, prices: PriceTable | None) -> list[Met
     if prices is None:
         return []
     labels = ["provider", "model"]
-    batch = CounterMetricFamily(
+    # Gauges, not counters: the token counters are priced with today's table at every scrape,
+    # so a price change moves the whole value, down as well as up, which a counter must not.
+    batch = GaugeMetricFamily(
         f"{P}cost_usd",
-        "what finished batches cost at batch prices (priced models only)",
+        "what the tokens of finished batches cost at the price table's batch prices "
+        "(priced models only; a price change reprices them all)",
         labels=labels,
     )
-    realtime = CounterMetricFamily(
+    realtime = GaugeMetricFamily(
         f"{P}realtime_cost_usd",
         "what the same tokens would cost at real-time prices (the savings: the difference)",
         labels=labels,
