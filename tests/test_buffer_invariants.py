@@ -183,6 +183,10 @@ class BufferMachine(RuleBasedStateMachine):
             )
             assert int(redis.hget(keys.buffers, buf) or 0) == sizes
             assert int(redis.hget(keys.pending_counts, buf) or 0) == len(ids)
+            # A buffer is listed while, and only while, something waits in it: the model
+            # names producers send are unbounded, so a drained one must not stay listed.
+            assert redis.hexists(keys.buffers, buf) is bool(ids)
+            assert redis.hexists(keys.pending_counts, buf) is bool(ids)
             # The head of the list is the oldest waiting request (claims read its age there).
             head = redis.lindex(keys.pending(buf), 0)
             assert (head.decode() if head else None) == (ids[0] if ids else None)

@@ -10,7 +10,8 @@
 --                              waits), and may then be listed twice: only the first occurrence
 --                              that is still "pending" is claimed, the state check skips the
 --                              rest. The head is always a pending request (bb_trim_head).
---   {p}:buffers        hash    buf -> bytes waiting (batch lines plus metadata)
+--   {p}:buffers        hash    buf -> bytes waiting (batch lines plus metadata); only buffers
+--                              a request waits in (bb_account drops the others)
 --   {p}:npending       hash    buf -> requests waiting (the list's length counts dropped ids)
 --   {p}:bufname        hash    buffer number -> buf; a request hash stores the number in its
 --                              field "buf" (a ~47-character name in every request cost ~50 B)
@@ -56,10 +57,17 @@ local function bb_weight(prefix, buf, id)
          + redis.call('HSTRLEN', prefix .. 'req:' .. id, 'meta')
 end
 
--- Count n requests of `bytes` into (or, negative, out of) buffer buf.
+-- Count n requests of `bytes` into (or, negative, out of) buffer buf. A buffer nothing waits
+-- in any more is forgotten (enqueue.lua lists it again with its next request): models are
+-- whatever producers name, and each one ever named would otherwise stay listed, scanned by
+-- every aggregate tick and exported as metric series, for ever.
 local function bb_account(prefix, buf, n, bytes)
-  redis.call('HINCRBY', prefix .. 'npending', buf, n)
-  redis.call('HINCRBY', prefix .. 'buffers', buf, bytes)
+  if redis.call('HINCRBY', prefix .. 'npending', buf, n) > 0 then
+    redis.call('HINCRBY', prefix .. 'buffers', buf, bytes)
+  else
+    redis.call('HDEL', prefix .. 'npending', buf)
+    redis.call('HDEL', prefix .. 'buffers', buf)
+  end
 end
 
 -- Drop ids at the head of a buffer's list whose requests no longer wait there, so the head
