@@ -44,6 +44,11 @@ class AsyncDelivery:
     _queue: AsyncCallbackQueue = field(repr=False)
     deliveries: int = 1  # how many times this result has been handed out, this one included
 
+    @property
+    def queue_key(self) -> str:
+        """The Redis key of the queue this result was taken from."""
+        return self._queue.key
+
     async def ack(self) -> None:
         """Confirm the result was handled; it will not be delivered again."""
         await self._queue.ack(self.delivery_id)
@@ -148,7 +153,7 @@ class AsyncCallbackQueue:
 
         Returns how many were still unacked.
         """
-        ids = delivery_ids(deliveries)
+        ids = delivery_ids(deliveries, self.key)
         if not ids:
             return 0
         acked, _deleted = await transaction_async(

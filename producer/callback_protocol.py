@@ -41,6 +41,9 @@ class HasDeliveryId(Protocol):
     @property
     def delivery_id(self) -> str: ...
 
+    @property
+    def queue_key(self) -> str: ...
+
 
 class Taken(NamedTuple):
     """One result the queue handed out, before it is wrapped in a (sync or async) Delivery.
@@ -80,9 +83,25 @@ def lost_group(exc: ResponseError) -> bool:
     return "NOGROUP" in str(exc)
 
 
-def delivery_ids(items: Iterable[str | HasDeliveryId]) -> list[str]:
-    """The delivery ids of deliveries, or of ids given as they are."""
-    return [item if isinstance(item, str) else item.delivery_id for item in items]
+def delivery_ids(items: Iterable[str | HasDeliveryId], queue_key: str) -> list[str]:
+    """The delivery ids of deliveries, or of ids given as they are.
+
+    Raises ValueError for a delivery taken from another queue: every stream one collect
+    writes gives its entries the same ids, so acking it here would delete this queue's own,
+    never handed out, result of that id.
+    """
+    ids = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            ids.append(item)
+        elif item.queue_key != queue_key:
+            raise ValueError(
+                f"deliveries[{i}] was taken from {item.queue_key!r}, not {queue_key!r}: "
+                "ack it on the queue it came from (nothing was acked)"
+            )
+        else:
+            ids.append(item.delivery_id)
+    return ids
 
 
 def check_max(max_results: int) -> None:

@@ -51,6 +51,11 @@ class Delivery:
     _queue: CallbackQueue = field(repr=False)
     deliveries: int = 1  # how many times this result has been handed out, this one included
 
+    @property
+    def queue_key(self) -> str:
+        """The Redis key of the queue this result was taken from."""
+        return self._queue.key
+
     def ack(self) -> None:
         """Confirm the result was handled; it will not be delivered again."""
         self._queue.ack(self.delivery_id)
@@ -206,7 +211,7 @@ class CallbackQueue:
 
         Returns how many were still unacked.
         """
-        ids = delivery_ids(deliveries)
+        ids = delivery_ids(deliveries, self.key)
         if not ids:
             return 0
         acked, _deleted = transaction(

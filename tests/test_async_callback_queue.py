@@ -157,3 +157,30 @@ def test_async_iteration_yields_each_result_to_ack(settings: Settings, redis_cli
     # Then it saw them all in order, and none is left
     assert asyncio.run(scenario()) == ids
     assert redis_client.xlen(KEY) == 0
+
+
+def test_an_async_delivery_acked_on_another_queue_is_refused_and_deletes_nothing(
+    settings: Settings, redis_client: Redis
+) -> None:
+    # Given two queues holding an entry of the same id each, as one collect writes them
+    for key in (KEY, "bb:cb:other"):
+        put_results(redis_client, 1, key=key)
+
+    # When an asyncio consumer acks svc's delivery on the other queue
+    async def scenario() -> str:
+        async with (
+            AsyncCallbackQueue("svc", settings=settings) as svc,
+            AsyncCallbackQueue("other", settings=settings) as other,
+        ):
+            (taken,) = await svc.get_many(10, timeout=1)
+            try:
+                await other.ack_many([taken])
+            except ValueError as exc:
+                return str(exc)
+            return ""
+
+    refused = asyncio.run(scenario())
+
+    # Then it is refused, naming both queues, and neither queue lost its result
+    assert "was taken from 'bb:cb:svc', not 'bb:cb:other'" in refused
+    assert redis_client.xlen(KEY) == 1 and redis_client.xlen("bb:cb:other") == 1

@@ -328,3 +328,31 @@ def test_iteration_hands_out_no_result_that_waited_half_its_timeout(
     assert sorted(request_id for request_id, _ in seen) == sorted(ids)
     assert max(idle_when_handed) < vt * 1000 / 2
     assert any(redelivered for _, redelivered in seen)
+
+
+def test_a_delivery_acked_on_another_queue_is_refused_and_deletes_nothing(
+    settings: Settings, redis_client: Redis
+) -> None:
+    # Given two queues holding an entry of the same id each, as one collect writes them
+    entry_id = "1700000000000-0"
+    for key, request_id in ((KEY, "for-svc"), ("bb:cb:other", "for-other")):
+        result = Result(request_id=request_id, status="completed").to_json()
+        redis_client.xadd(key, {"result": result}, id=entry_id)
+    svc, other = CallbackQueue("svc", settings=settings), CallbackQueue("other", settings=settings)
+    (taken,) = svc.get_many(10, timeout=1)
+
+    # When svc's delivery is acked on the other queue
+    try:
+        other.ack_many([taken])
+    except ValueError as exc:
+        refused = str(exc)
+    else:
+        refused = ""
+
+    # Then that is refused naming the delivery and both queues, and nothing was deleted:
+    # the other queue's result, never handed out, is still there; svc's is acked on svc
+    assert "deliveries[0] was taken from 'bb:cb:svc', not 'bb:cb:other'" in refused
+    assert redis_client.xlen("bb:cb:other") == 1 and redis_client.xlen(KEY) == 1
+    assert svc.ack_many([taken]) == 1 and redis_client.xlen(KEY) == 0
+    svc.close()
+    other.close()
