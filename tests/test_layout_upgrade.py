@@ -12,7 +12,10 @@ import os
 import time
 
 import orjson
+import pytest
+from redis.exceptions import ResponseError
 
+from producer import PartialSubmitError, Producer
 from shared.redis_layout import pending_ids, upgrade_buffers
 from shared.schemas import LINE_OVERHEAD
 from worker.context import WorkerContext
@@ -72,3 +75,31 @@ def test_a_buffer_kept_as_a_sorted_set_is_packed_after_the_upgrade(
     assert pending_ids(ctx.redis, ctx.keys, BUF) == [batched]
     assert packed_ids(ctx) == [[batched]]
     assert int(ctx.redis.hget(ctx.keys.buffers, BUF) or 0) == 0
+
+
+def test_a_producer_refused_by_a_buffer_not_yet_upgraded_stores_nothing(
+    ctx: WorkerContext,
+) -> None:
+    # Given a buffer still kept as a sorted set (the workers have not been upgraded yet)
+    old_request(ctx, 1, "pending")
+    before = {key: ctx.redis.dump(key) for key in ctx.redis.keys("*")}
+    producer = Producer(settings=ctx.settings, client=ctx.redis)
+    message = [{"role": "user", "content": "hi"}]
+
+    # When a new producer submits to it, with an idempotency key, alone and in a chunk
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        producer.submit("m-a", message, idempotency_key="order-1", callback_queue="q")
+    with pytest.raises(PartialSubmitError):
+        producer.submit_many(
+            [
+                {"model": "m-b", "messages": message, "idempotency_key": "order-2"},
+                {"model": "m-a", "messages": message, "idempotency_key": "order-3"},
+            ]
+        )
+
+    # Then Redis holds exactly what it held: no request hash, key or buffer was written, so
+    # a retry after the upgrade makes the request afresh
+    assert {key: ctx.redis.dump(key) for key in ctx.redis.keys("*")} == before
+    upgrade_buffers(ctx.redis, ctx.scripts, ctx.keys)
+    retried = producer.submit("m-a", message, idempotency_key="order-1", callback_queue="q")
+    assert retried.id in pending_ids(ctx.redis, ctx.keys, BUF)

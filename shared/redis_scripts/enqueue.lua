@@ -57,6 +57,27 @@ for i = 4, #ARGV, 8 do
     end
   end
 end
+-- Redis does not undo a script's writes when a later command fails, so a buffer key of
+-- another type (a buffer an older batchbridge kept as a sorted set, not upgraded yet) is
+-- refused here, before anything is written: otherwise the request hashes and idempotency
+-- keys written before the RPUSH failed would stay, and a retry with the same key would get
+-- the id of a request in no buffer.
+local checked = {}
+for i = 5, #ARGV, 8 do
+  local buf = ARGV[i]
+  if not checked[buf] then
+    checked[buf] = true
+    for key, want in pairs({[prefix .. 'pending:' .. buf] = 'list',
+                            [prefix .. 'bodies:' .. buf] = 'hash'}) do
+      local kind = redis.call('TYPE', key)['ok']
+      if kind ~= 'none' and kind ~= want then
+        return redis.error_reply('WRONGTYPE ' .. key .. ' is a ' .. kind .. ', not a ' .. want
+          .. ' (a buffer of an older batchbridge: start a worker of this version to upgrade '
+          .. 'it); nothing was stored')
+      end
+    end
+  end
+end
 -- Pass 2: write.
 local ids_by_buf, bodies_by_buf, bytes_by_buf, number_of, order = {}, {}, {}, {}, {}
 local repeats = {}
