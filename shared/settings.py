@@ -41,6 +41,7 @@ _SECRET_QUERY = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNO
 # API key, and the test and benchmark suites' servers.
 _OTHER_VARIABLE_PREFIXES = ("LOCAL_", "TEST_", "BENCH_")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+_MAX_TTL_SECONDS = 10 * 366 * 86_400
 log = logging.getLogger("batchbridge.settings")
 # What the settings read as JSON must look like, for the error when one does not parse.
 _JSON_SHAPES = {
@@ -57,7 +58,13 @@ class Settings(BaseSettings):
     """Everything configurable about batchbridge; passed explicitly, never global."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+        # "inf" and "nan" parse as floats; no duration, rate or delay here means either, and
+        # they only failed later, where a script or a socket took them.
+        allow_inf_nan=False,
     )
 
     # Both URLs may carry passwords: SecretStr keeps them out of reprs, logs and Celery's conf.
@@ -97,8 +104,9 @@ class Settings(BaseSettings):
     missing_output_grace_seconds: float = Field(default=600.0, ge=0)
 
     max_attempts: int = Field(default=3, ge=1, le=100)
-    result_ttl_seconds: int = Field(default=7 * 86_400, ge=60)
-    idempotency_ttl_seconds: int = Field(default=86_400, ge=1)
+    # At most ten years: Redis refuses a larger EX, which failed the script setting it.
+    result_ttl_seconds: int = Field(default=7 * 86_400, ge=60, le=_MAX_TTL_SECONDS)
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=1, le=_MAX_TTL_SECONDS)
     callback_visibility_timeout_seconds: float = Field(default=300.0, gt=0)
     # A result redelivered more often than this moves to the queue's dead-letter stream.
     callback_max_deliveries: int = Field(default=10, ge=1, le=10_000)
@@ -287,8 +295,13 @@ def check_redis_url(url: str) -> None:
     try:
         parts = urlsplit(url)
         port = parts.port  # raises on a non-numeric port
-    except ValueError as exc:
-        raise ValueError(f"is not a URL ({exc})") from None
+    except ValueError:
+        # Not urllib's message: it quotes the "port", which is often part of a password
+        # holding a character that ends the netloc ('/', '#', '?').
+        raise ValueError(
+            "is not a URL: what follows the host's colon is not a port number (in a password, "
+            "write '/', '#', '?' and '@' percent-encoded)"
+        ) from None
     if parts.scheme not in _REDIS_SCHEMES:
         raise ValueError(
             f"must start with redis://, rediss:// or unix:// (got scheme {parts.scheme!r})"
@@ -299,7 +312,8 @@ def check_redis_url(url: str) -> None:
         raise ValueError("port 0 is not a port")
     db = parts.path.strip("/")
     if parts.scheme != "unix" and db and not db.isdigit():
-        raise ValueError(f"the database after the host must be a number (got {db!r})")
+        # Not quoted: a password cut short at a '/' puts its end here.
+        raise ValueError("the database after the host must be a number, e.g. redis://host/0")
 
 
 def check_database_url(url: str) -> None:

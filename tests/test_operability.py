@@ -59,19 +59,28 @@ def test_loading_settings_logs_the_warning(
         ("BATCHBRIDGE_REDIS_URL", "rediss:///0"),
         ("BATCHBRIDGE_REDIS_URL", f"redis://:{PASSWORD}@host:notaport/0"),
         ("BATCHBRIDGE_REDIS_URL", f"redis://:{PASSWORD}@host:6379/zero"),
+        # Passwords holding a character that ends the host part: urllib takes their start
+        # for a port, or their end for the database
+        ("BATCHBRIDGE_REDIS_URL", f"redis://:{PASSWORD}/rest@host:6379/0"),
+        ("BATCHBRIDGE_REDIS_URL", f"redis://:{PASSWORD}#rest@host:6379/0"),
+        ("BATCHBRIDGE_REDIS_URL", f"redis://user:123/{PASSWORD}@host:6379/0"),
+        ("BATCHBRIDGE_CALLBACK_VISIBILITY_TIMEOUT_SECONDS", "inf"),
+        ("BATCHBRIDGE_WEBHOOK_RETRY_SCHEDULE", "0,nan"),
+        ("BATCHBRIDGE_IDEMPOTENCY_TTL_SECONDS", "9223372036854775808"),
         ("BATCHBRIDGE_DATABASE_URL", "notaurl"),
         ("BATCHBRIDGE_DATABASE_URL", f"postgresql://u:{PASSWORD}@host:port/db"),
     ],
 )
-def test_a_bad_url_fails_at_load_naming_the_variable_and_never_the_password(
+def test_a_bad_value_fails_at_load_naming_the_variable_and_never_a_password(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str
 ) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError) as err:
         Settings.load()
     assert variable in str(err.value)
-    assert PASSWORD not in str(err.value)
-    assert value not in str(err.value)
+    if variable.endswith("_URL"):
+        assert PASSWORD not in str(err.value)
+        assert value not in str(err.value)
 
 
 def test_a_variable_that_is_not_the_json_it_must_be_is_named_and_not_shown(
