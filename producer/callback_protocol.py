@@ -9,6 +9,7 @@ so the two queues differ only in how they wait for Redis.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -18,7 +19,7 @@ from redis.exceptions import ResponseError
 
 from shared.gc_pause import gc_paused
 from shared.redis_layout import CALLBACK_GROUP, Keys, text
-from shared.schemas import Result
+from shared.schemas import CALLBACK_QUEUE_NAME, Result
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,23 @@ def delivery_ids(items: Iterable[str | HasDeliveryId], queue_key: str) -> list[s
     return ids
 
 
+def check_queue_args(name: str, visibility_timeout: float | None) -> None:
+    """Refuse, naming the argument, a queue name no request could use or a timeout under 1 ms.
+
+    A visibility timeout of 0 or less would hand every in-flight result to the next caller.
+    """
+    if not isinstance(name, str) or not CALLBACK_QUEUE_NAME.fullmatch(name):
+        rule = CALLBACK_QUEUE_NAME.pattern
+        raise ValueError(f"name must be a callback queue name ({rule}), not {name!r}")
+    if visibility_timeout is not None and not (
+        math.isfinite(visibility_timeout) and visibility_timeout >= 0.001
+    ):
+        raise ValueError(
+            "visibility_timeout must be a finite number of seconds of at least 0.001, "
+            f"not {visibility_timeout!r}"
+        )
+
+
 def check_max(max_results: int) -> None:
     """Refuse a chunk size that can take nothing."""
     if max_results < 1:
@@ -156,6 +174,7 @@ class Reader:
         visibility_timeout: float | None,
     ) -> Reader:
         """The reader of queue ``name`` as a consumer built with these arguments reads it."""
+        check_queue_args(name, visibility_timeout)
         vt = visibility_timeout or settings.callback_visibility_timeout_seconds
         return cls(
             name,

@@ -27,6 +27,7 @@ from producer.callback_protocol import (
     Reader,
     Taken,
     check_max,
+    check_queue_args,
     delivery_ids,
     lost_group,
     read_command,
@@ -111,6 +112,7 @@ class CallbackQueue:
         consumer: str | None = None,
         visibility_timeout: float | None = None,
     ) -> None:
+        check_queue_args(name, visibility_timeout)  # before anything connects
         self.settings = settings or Settings.load()
         self._client = client or Redis.from_url(redis_url or resolve_redis_url(self.settings))
         self.name = name

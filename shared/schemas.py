@@ -18,6 +18,8 @@ from typing_extensions import TypedDict
 ResultStatus = Literal["completed", "failed", "cancelled"]
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 _ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
+# What a callback queue may be called (a consumer naming one checks the same rule).
+CALLBACK_QUEUE_NAME = re.compile(_ID_PATTERN)
 # No C0 control character (U+0000-U+001F) and no DEL: a model name is a name, not text.
 _NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 _NO_CONTROL_RULE = "must not contain control characters (U+0000-U+001F, U+007F)"

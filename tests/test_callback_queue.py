@@ -261,6 +261,14 @@ def test_cli_says_when_a_queue_has_no_dead_letters(redis_url: str, tmp_path: Pat
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["total"] == 0
 
 
+def test_cli_refuses_a_queue_name_no_request_could_use(redis_url: str, tmp_path: Path) -> None:
+    # When the dead letters of a queue named as no request can name one are listed
+    done = run_cli(redis_url, tmp_path, "callbacks", "dead", "bad queue!")
+    # Then that is an error naming the rule, not an empty answer
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: name must be a callback queue name")
+
+
 def test_a_consumer_carries_on_after_redis_lost_its_group(
     redis_url: str, redis_client: Redis, tmp_path: Path
 ) -> None:

@@ -7,9 +7,10 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
 from redis import Redis
 
-from producer import CallbackQueue
+from producer import AsyncCallbackQueue, CallbackQueue
 from shared.redis_layout import CALLBACK_GROUP
 from shared.schemas import Result
 from shared.settings import Settings
@@ -356,3 +357,30 @@ def test_a_delivery_acked_on_another_queue_is_refused_and_deletes_nothing(
     assert svc.ack_many([taken]) == 1 and redis_client.xlen(KEY) == 0
     svc.close()
     other.close()
+
+
+@pytest.mark.parametrize("queue_class", [CallbackQueue, AsyncCallbackQueue])
+@pytest.mark.parametrize(
+    ("name", "visibility_timeout", "named"),
+    [
+        ("", None, "name"),
+        ("a b", None, "name"),
+        ("svc", 0, "visibility_timeout"),
+        ("svc", -1, "visibility_timeout"),
+        ("svc", 0.0001, "visibility_timeout"),
+        ("svc", float("nan"), "visibility_timeout"),
+    ],
+)
+def test_a_queue_opened_with_a_name_or_timeout_no_consumer_can_use_is_refused(
+    settings: Settings,
+    queue_class: type[CallbackQueue] | type[AsyncCallbackQueue],
+    name: str,
+    visibility_timeout: float | None,
+    named: str,
+) -> None:
+    # Given a name no request could give (it would read an empty queue for ever) or a
+    # visibility timeout under a millisecond (0 used to mean the default; below it, every
+    # call took the results other consumers had in hand)
+    # When a consumer opens the queue / Then it is refused naming the argument
+    with pytest.raises(ValueError, match=rf"^{named} must be"):
+        queue_class(name, settings=settings, visibility_timeout=visibility_timeout)

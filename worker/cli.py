@@ -195,7 +195,7 @@ def callbacks_dead(
             total, letters = callbacks.dead_count(), callbacks.dead_letters(limit)
         finally:
             callbacks.close()
-    except (RedisUnavailable, RedisConnectionError) as exc:
+    except (RedisUnavailable, RedisConnectionError, ValueError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     if as_json:
