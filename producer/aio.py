@@ -21,6 +21,7 @@ from producer.protocol import (
     conflict_or_none,
     enqueue_args,
     keyed_requests,
+    plain_requests,
     read_cancel_reply,
     read_enqueue_reply,
     read_state,
@@ -110,7 +111,7 @@ class AsyncProducer:
         written, PartialSubmitError when a refused chunk leaves only some requests stored.
         """
         try:
-            plain = [r if type(r) is dict else dict(r) for r in requests]
+            plain = plain_requests(requests)
             prepare = functools.partial(
                 prepare_many,
                 plain,

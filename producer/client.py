@@ -18,6 +18,7 @@ from producer.protocol import (
     conflict_or_none,
     enqueue_args,
     keyed_requests,
+    plain_requests,
     read_cancel_reply,
     read_enqueue_reply,
     read_state,
@@ -137,7 +138,7 @@ class Producer:
         """
         try:
             prepared = prepare_many(
-                [r if type(r) is dict else dict(r) for r in requests],
+                plain_requests(requests),
                 max_line_bytes=self._max_line,
                 max_metadata_bytes=self._max_metadata,
                 webhook_allow=self._webhook_allow,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, NamedTuple, cast
 
 import orjson
@@ -11,6 +12,7 @@ from shared.redis_layout import Keys, buffer_name, text
 from shared.schemas import (
     ErrorInfo,
     IdempotencyConflict,
+    InvalidRequest,
     PreparedRequest,
     Result,
     idempotency_conflict,
@@ -33,6 +35,23 @@ def request_dict(
     request = {"model": model, "messages": messages, **body_fields}
     request.update((name, value) for name, value in options.items() if value is not None)
     return request
+
+
+def plain_requests(requests: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each request of a submit_many as a dict, or InvalidRequest naming ``[i]``."""
+    plain = []
+    for i, request in enumerate(requests):
+        if type(request) is dict:
+            plain.append(request)
+        elif isinstance(request, Mapping):
+            plain.append(dict(request))
+        else:
+            raise InvalidRequest(
+                f"[{i}]",
+                "must be a mapping of submit's arguments (model, messages, ...), "
+                f"not {type(request).__name__}",
+            )
+    return plain
 
 
 def enqueue_args(keys: Keys, idempotency_ttl: int, prepared: list[PreparedRequest]) -> list[Any]:

@@ -28,6 +28,9 @@ def test_async_submit_is_idempotent_validates_and_cancels(
             with pytest.raises(InvalidRequest) as err:
                 await producer.submit_many([{"model": "m-a", "messages": []}])
             assert err.value.field == "requests[0].messages"
+            with pytest.raises(InvalidRequest) as err:
+                await producer.submit_many([{"model": "m-a", "messages": MESSAGES}, None])  # type: ignore[list-item]
+            assert err.value.field == "requests[1]"
             assert await many[0].cancel()
             result = await many[0].wait(timeout=1)
             assert result.status == "cancelled"

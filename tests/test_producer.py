@@ -102,6 +102,20 @@ def test_submit_many_validates_everything_before_writing_anything(
     assert redis_client.dbsize() == 0
 
 
+@pytest.mark.parametrize("item", [None, "m-a", ["model", "m-a"], 7])
+def test_submit_many_refuses_an_item_that_is_not_a_mapping_naming_it(
+    producer: Producer, redis_client: Redis, item: object
+) -> None:
+    # Given a good request and, after it, something that is not a request's mapping
+    good = {"model": "m-a", "messages": MESSAGES}
+    # When they are submitted together / Then the error names the item and nothing is stored
+    with pytest.raises(InvalidRequest) as err:
+        producer.submit_many([good, item])  # type: ignore[list-item]
+    assert err.value.field == "requests[1]"
+    assert err.value.rule.startswith("must be a mapping of submit's arguments")
+    assert redis_client.dbsize() == 0
+
+
 def test_submit_many_spreads_over_buffers_per_provider_and_model(
     producer: Producer, redis_client: Redis
 ) -> None:
