@@ -30,6 +30,9 @@ LINE_OVERHEAD = len(b'{"custom_id":"') + len(b'","body":') + len(b"}\n")
 # bodies hash, an entry of the pending list); at 20 characters the key and the field each
 # fit an allocation 16 bytes smaller than 32 hex characters did (bench: memory).
 REQUEST_ID_LENGTH = 20
+# How deep metadata may nest: far below orjson's limit (254), which the envelopes a result
+# is sent in (Result, cancel, webhook) would otherwise reach first, failing a cancel.
+MAX_METADATA_DEPTH = 64
 _ID_ALPHABET = b"0123456789abcdefghijklmnopqrstuv"
 # Maps any byte to a character of the alphabet by its low 5 bits, so uniform random bytes
 # give uniform characters (256 is a multiple of 32).
@@ -282,6 +285,17 @@ def prepare_many(
                 raise InvalidRequest(f"[{i}].{name}", "is not allowed in a batch request")
             if raw_metadata is not None:
                 metadata = _encode(raw_metadata, f"[{i}].metadata")
+                # Counting brackets is a bound on the depth that costs one scan; only
+                # metadata with that many is walked.
+                if metadata.count(b"{") + metadata.count(b"[") > MAX_METADATA_DEPTH:
+                    depth = _nesting_depth(raw_metadata)
+                    if depth > MAX_METADATA_DEPTH:
+                        raise InvalidRequest(
+                            f"[{i}].metadata",
+                            f"is nested {depth} levels deep, over the limit of "
+                            f"{MAX_METADATA_DEPTH}: the Result that carries it back nests it "
+                            "further, and must still encode",
+                        )
                 if len(metadata) > max_metadata_bytes:
                     raise InvalidRequest(
                         f"[{i}].metadata",
@@ -380,6 +394,22 @@ def idempotency_conflict(field: str, existing_id: str) -> IdempotencyConflict:
         "the identical request (same provider, model, body fields, callback_queue, webhook_url "
         "and metadata)",
     )
+
+
+def _nesting_depth(value: Any) -> int:
+    """How many arrays and objects deep ``value`` goes (0 for a scalar); not recursive."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _encode(value: Any, field: str) -> bytes:

@@ -87,6 +87,14 @@ def pending(redis_client: Redis, model: str = "m-a") -> list[str]:
 NAN, INF = float("nan"), float("inf")
 
 
+def nested(depth: int) -> Any:
+    """Metadata ``depth`` objects and arrays deep (an object outermost, as metadata is)."""
+    value: Any = "leaf"
+    for level in range(depth):
+        value = {"a": value} if (depth - level) % 2 else [value]
+    return value
+
+
 @pytest.mark.parametrize(
     ("fields", "field", "rule"),
     [
@@ -122,6 +130,9 @@ NAN, INF = float("nan"), float("inf")
         # metadata is JSON, and has a size limit of its own
         ({"metadata": {"when": Stamp(1.0)}}, "metadata.when", "JSON-serialisable"),
         ({"metadata": {"blob": "x" * 20_000}}, "metadata", "16384-byte limit"),
+        # ... and a depth limit: a cancel nests it further, which failed past orjson's limit
+        ({"metadata": nested(65)}, "metadata", "65 levels deep, over the limit of 64"),
+        ({"metadata": nested(254)}, "metadata", "254 levels deep, over the limit of 64"),
     ],
 )
 def test_invalid_values_are_refused_naming_field_and_rule_and_store_nothing(
@@ -140,6 +151,19 @@ def test_invalid_values_are_refused_naming_field_and_rule_and_store_nothing(
     assert (err.value.field, many_err.value.field) == (field, f"requests[1].{field}")
     assert rule in err.value.rule and rule in many_err.value.rule
     assert redis_client.dbsize() == 0
+
+
+def test_metadata_at_the_depth_limit_is_delivered_back_and_can_be_cancelled(
+    clients: Clients, redis_client: Redis
+) -> None:
+    # Given a request whose metadata is nested as deep as allowed
+    handle = clients.submit(model="m-a", messages=MESSAGES, metadata=nested(64))
+    # When it is cancelled / Then its cancelled result carries that metadata back
+    with Producer(settings=clients.settings) as producer:
+        assert producer.cancel(handle.id)
+        result = producer.result(handle.id)
+    assert result is not None and result.status == "cancelled"
+    assert result.metadata == nested(64)
 
 
 def test_messages_may_carry_newlines_tabs_and_nul_and_are_sent_as_given(
