@@ -25,6 +25,7 @@ from producer.callback_protocol import (
     lost_group,
     read_command,
 )
+from producer.callback_queue import DeadLetter, dead_letter_of
 from shared.embedded_redis import resolve_redis_url
 from shared.gc_pause import gc_paused
 from shared.redis_layout import CALLBACK_GROUP, script_source
@@ -167,6 +168,15 @@ class AsyncCallbackQueue:
     async def backlog(self) -> int:
         """Results in the queue, delivered or not, that nobody has acked yet."""
         return int(await self._client.xlen(self.key))
+
+    async def dead_count(self) -> int:
+        """Results in the queue's dead-letter stream."""
+        return int(await self._client.xlen(self.dead_key))
+
+    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        """The dead-lettered results, oldest first (at most ``limit`` of them)."""
+        entries: Any = await self._client.xrange(self.dead_key, count=limit)
+        return [dead_letter_of(entry_id, fields) for entry_id, fields in entries]
 
     async def aclose(self) -> None:
         """Close the Redis connections."""

@@ -233,7 +233,7 @@ class CallbackQueue:
     def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
         """The dead-lettered results, oldest first (at most ``limit`` of them)."""
         entries: Any = self._client.xrange(self.dead_key, count=limit)
-        return [_dead_letter(entry_id, fields) for entry_id, fields in entries]
+        return [dead_letter_of(entry_id, fields) for entry_id, fields in entries]
 
     def close(self) -> None:
         """Close the Redis connections."""
@@ -253,7 +253,8 @@ class CallbackQueue:
         return [Delivery(result, id_, again, self, n) for id_, result, again, n in taken]
 
 
-def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+def dead_letter_of(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    """A DeadLetter from one entry of a dead-letter stream."""
     return DeadLetter(
         dead_id=text(entry_id),
         delivery_id=text(fields.get(b"id", b"")),

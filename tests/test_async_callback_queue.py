@@ -75,16 +75,16 @@ def test_async_unacked_results_come_back_and_dead_letter_once(
     ids = put_results(redis_client, 2)
 
     # When an asyncio consumer takes them, and keeps asking after each visibility timeout
-    async def scenario() -> list[list[tuple[str, bool, int]]]:
+    async def scenario() -> tuple[list[list[tuple[str, bool, int]]], int, list[Any]]:
         rounds = []
         async with AsyncCallbackQueue("svc", settings=settings, visibility_timeout=VT) as queue:
             for _ in range(4):
                 chunk = await queue.get_many(10, timeout=0.05)
                 rounds.append([(d.result.request_id, d.redelivered, d.deliveries) for d in chunk])
                 await asyncio.sleep(VT)
-        return rounds
+            return rounds, await queue.dead_count(), await queue.dead_letters(limit=1)
 
-    rounds = asyncio.run(scenario())
+    rounds, dead_count, first_letters = asyncio.run(scenario())
 
     # Then they came once new, once redelivered (second delivery), then moved to the
     # dead-letter stream exactly once each
@@ -100,6 +100,8 @@ def test_async_unacked_results_come_back_and_dead_letter_once(
     letters = reader.dead_letters()
     reader.close()
     assert [(letter.request_id, letter.deliveries) for letter in letters] == [(r, 2) for r in ids]
+    # ... which the asyncio queue reports as the sync one does
+    assert dead_count == 2 and first_letters == letters[:1]
 
 
 def test_a_result_an_async_consumer_dropped_comes_back_to_a_sync_one(
