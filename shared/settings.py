@@ -40,6 +40,8 @@ _SECRET_QUERY = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNO
 # BATCHBRIDGE_* variables read outside Settings: the local provider's fault injection and
 # API key, and the test and benchmark suites' servers.
 _OTHER_VARIABLE_PREFIXES = ("LOCAL_", "TEST_", "BENCH_")
+# Read by docker-compose.yml and the deploy scripts, not by batchbridge itself.
+_DEPLOYMENT_VARIABLES = frozenset({"IMAGE"})
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _MAX_TTL_SECONDS = 10 * 366 * 86_400
 log = logging.getLogger("batchbridge.settings")
@@ -280,7 +282,11 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
         if not variable.startswith(ENV_PREFIX):
             continue
         name = variable.removeprefix(ENV_PREFIX)
-        if name in known or name.startswith(_OTHER_VARIABLE_PREFIXES):
+        if (
+            name in known
+            or name in _DEPLOYMENT_VARIABLES
+            or name.startswith(_OTHER_VARIABLE_PREFIXES)
+        ):
             continue
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""

@@ -31,6 +31,7 @@ def test_a_misspelled_variable_is_warned_about_with_the_closest_name() -> None:
         "BATCHBRIDGE_MAX_WAIT_SECONDS": "3",
         "BATCHBRIDGE_LOCAL_FAIL_RATE": "0.1",
         "BATCHBRIDGE_TEST_REDIS_URL": "redis://x",
+        "BATCHBRIDGE_IMAGE": "registry.example/batchbridge:1",  # docker-compose's
         "BATCHBRIDGE_ZZZ": "1",
         "PATH": "/bin",
     }
