@@ -377,7 +377,9 @@ def test_an_instrumented_provider_counts_failures_without_a_status_and_only_once
 def test_webhook_deliveries_are_counted_by_result_and_no_url_is_shown(
     ctx: WorkerContext, collector: BatchbridgeCollector
 ) -> None:
-    # Given webhooks to an endpoint that answers 200, one that fails once, one that is gone
+    # Given webhooks to an endpoint that answers 200, one that fails once, one that is gone,
+    # and one the sender's SSRF guard refuses before connecting (the producer's allow-list
+    # took 127.0.0.2, the sender's takes only 127.0.0.1)
     ctx.settings = ctx.settings.model_copy(
         update={
             "webhook_allow_cidrs": (ipaddress.ip_network("127.0.0.0/8"),),
@@ -390,13 +392,17 @@ def test_webhook_deliveries_are_counted_by_result_and_no_url_is_shown(
             receiver.script("/ok-endpoint", 200),
             receiver.script("/flaky-endpoint", 500, 200),
             receiver.script("/gone-endpoint", 410),
+            receiver.script("/gone-endpoint", 410).replace("127.0.0.1", "127.0.0.2"),
         ]
         producer = Producer(settings=ctx.settings, client=ctx.redis)
         for url in urls:
             handle = producer.submit(model="m-a", messages=PIPELINE_MESSAGES, webhook_url=url)
             assert producer.cancel(handle.id)
         outbox = samples_of(scrape(collector))
-        assert value(outbox, "batchbridge_webhook_outbox") == 3
+        assert value(outbox, "batchbridge_webhook_outbox") == 4
+        ctx.settings = ctx.settings.model_copy(
+            update={"webhook_allow_cidrs": (ipaddress.ip_network("127.0.0.1/32"),)}
+        )
         # When the sender runs until the outbox is empty
         deadline = time.monotonic() + 15
         while ctx.redis.zcard(ctx.keys.webhook_queue):
@@ -406,16 +412,18 @@ def test_webhook_deliveries_are_counted_by_result_and_no_url_is_shown(
         _ = _wait_for(receiver)
     text = scrape(collector)
     scraped = samples_of(text)
-    # Then two were delivered, one attempt is to be retried, one is dead
+    # Then two were delivered, one attempt is to be retried, two are dead; the refused one
+    # was never sent, so it has no response counted (not even as "error")
     assert value(scraped, "batchbridge_webhook_deliveries_total", result="delivered") == 2
     assert value(scraped, "batchbridge_webhook_deliveries_total", result="retrying") == 1
-    assert value(scraped, "batchbridge_webhook_deliveries_total", result="dead") == 1
+    assert value(scraped, "batchbridge_webhook_deliveries_total", result="dead") == 2
     assert value(scraped, "batchbridge_webhook_responses_total", status_class="2xx") == 2
     assert value(scraped, "batchbridge_webhook_responses_total", status_class="5xx") == 1
     assert value(scraped, "batchbridge_webhook_responses_total", status_class="4xx") == 1
+    assert total(scraped, "batchbridge_webhook_responses_total") == 4
     assert value(scraped, "batchbridge_webhook_outbox") == 0
     # ... and neither the endpoints nor the secret appear anywhere in the output
-    for secret in ("-endpoint", "127.0.0.1", "whsec_", SECRET):
+    for secret in ("-endpoint", "127.0.0.1", "127.0.0.2", "whsec_", SECRET):
         assert secret not in text
 
 

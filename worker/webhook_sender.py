@@ -224,7 +224,8 @@ class _Sender:
                 self._post(delivery.url, delivery.body, headers), timeout
             )
         except WebhookAddressRefused as exc:
-            return AttemptResult("dead", error=str(exc), latency_ms=_ms_since(started))
+            # Refused before any connection: no attempt was sent, so none is counted.
+            return AttemptResult("dead", error=str(exc), sent=False)
         except TimeoutError:
             error = f"no answer within {timeout:g} s"
             return AttemptResult("retry", error=error, latency_ms=_ms_since(started))
