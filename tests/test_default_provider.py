@@ -61,6 +61,7 @@ def test_a_request_naming_no_provider_goes_to_the_workers_default(
     # When it submits requests that name no provider and the worker packs them
     ids = [h.id for h in producer.submit_many([{"model": "m-a", "messages": MESSAGES}] * 3)]
     monkeypatch.delenv("TOGETHER_API_KEY", raising=False)
+    waiting_in = ctx.redis.hkeys(ctx.keys.buffers)
     (packed,) = pack_due_buffers(ctx)
 
     # Then they waited in the default buffer and their batch is the worker's default's
@@ -70,7 +71,7 @@ def test_a_request_naming_no_provider_goes_to_the_workers_default(
     assert (batch.provider, batch.file_path) == (worker_default, str(packed.path))
     lines = [orjson.loads(line) for line in packed.path.read_bytes().splitlines()]
     assert [line["custom_id"] for line in lines] == ids
-    assert ctx.redis.hkeys(ctx.keys.buffers) == [buffer_name(DEFAULT_PROVIDER, "m-a").encode()]
+    assert waiting_in == [buffer_name(DEFAULT_PROVIDER, "m-a").encode()]
     producer.close()
 
 
