@@ -29,6 +29,7 @@ from shared.providers.local.records import JobStatus
 from shared.redis_layout import pending_ids
 from tests.conftest import run_local_jobs, settings_env
 from worker.backoff import backoff
+from worker.batch_cancel import request_batch_cancel
 from worker.cli import app as cli
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
@@ -599,6 +600,50 @@ def test_a_permanent_refusal_after_an_ambiguous_create_holds_instead_of_failing(
     assert "after an ambiguous create" in (batch.error or "")
     collect_ready_batches(ctx)
     assert delivered(ctx) == []
+
+
+def test_cancelling_with_requeue_after_an_ambiguous_create_and_a_refusal_pays_once(
+    ctx: WorkerContext,
+) -> None:
+    # Given a create that made its job but lost the answer, a job list that does not show
+    # it yet, and a retry the provider refuses outright: the batch is held
+    flaky = use(ctx)
+    ids = submit(ctx)
+    (packed,) = pack_due_buffers(ctx)
+    real_create = flaky.create_batch
+
+    def created_then_timed_out(input_file_id: str, *, model: str) -> ProviderBatch:
+        real_create(input_file_id, model=model)
+        raise ProviderError("create timed out", retryable=True)
+
+    def refused(input_file_id: str, *, model: str) -> ProviderBatch:
+        raise ProviderError("file already used", retryable=False, status_code=400)
+
+    flaky.create_batch = created_then_timed_out  # type: ignore[method-assign]
+    assert submit_batch(ctx, packed.id) is False
+    time.sleep(0.45)
+    make_due(ctx, packed.id)
+    flaky.hide_from_list = 1
+    flaky.create_batch = refused  # type: ignore[method-assign]
+    assert submit_batch(ctx, packed.id) is False
+    assert the_batch(ctx).held_since is not None
+
+    # When the operator cancels it with --requeue and the workers carry on
+    said = request_batch_cancel(ctx, packed.id, requeue=True)
+    flaky.create_batch = real_create  # type: ignore[method-assign]
+    make_due(ctx, packed.id)
+    submit_ready_batches(ctx)  # adopts the job its first create made (and cancels it)
+    poll_and_collect(ctx, packed.id)
+    pack_due_buffers(ctx, force=True)  # whatever was sent round again
+    submit_ready_batches(ctx)
+    run_local_jobs(ctx)
+
+    # Then the cancel did not take the batch for one the provider never saw, every request
+    # ran in one provider job, and each got one outcome
+    assert ids_per_completed_job(ctx) == Counter(dict.fromkeys(ids, 1))
+    assert "before it reached the provider" not in said
+    outcomes = Counter(r.request_id for r in delivered(ctx))
+    assert outcomes == Counter(dict.fromkeys(ids, 1))
 
 
 def test_a_result_file_that_answers_404_once_is_fetched_again_not_rerun(

@@ -265,8 +265,14 @@ def _record_submit_failure(
         # provider's list has had its chance to show it.
         fields["ambiguous_creates"] = batch.ambiguous_creates + 1
         batch.ambiguous_creates += 1
-    elif batch.create_started_at is not None and attempts == batch.submit_attempts:
-        # This very create was refused outright (4xx): nothing was created.
+    elif (
+        batch.create_started_at is not None
+        and attempts == batch.submit_attempts
+        and not batch.ambiguous_creates
+    ):
+        # This very create was refused outright (4xx): nothing was created. Not so after an
+        # ambiguous one, which may have made a job the list has not shown yet: the mark keeps
+        # a cancel (or anything else) from taking the batch for one no job can exist for.
         fields["create_started_at"] = None
     if exc.status_code in _REFUSED or (exc.retryable and attempts >= _MAX_SUBMIT_ATTEMPTS):
         _hold(ctx, batch, str(exc), attempts, exc.retry_after, **fields)
