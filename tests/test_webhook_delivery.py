@@ -13,6 +13,7 @@ import ipaddress
 import ssl
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -34,7 +35,7 @@ from worker.context import WorkerContext
 from worker.lifecycle import submit_ready_batches
 from worker.packing import pack_due_buffers
 from worker.polling import poll_due_batches
-from worker.webhook_admin import failed_deliveries, replay
+from worker.webhook_admin import failed_deliveries, replay, restore_lost_deliveries
 from worker.webhook_sender import SendReport, deliver_due, parse_retry_after
 from worker.webhook_transport import GuardedBackend, GuardedTransport
 
@@ -402,3 +403,66 @@ def test_the_guarded_transport_builds_one_tls_context(monkeypatch: pytest.Monkey
     # Then it made one, and the pool uses it
     assert len(made) == 1
     assert transport._pool._ssl_context is made[0]
+
+
+def overdue(ctx: WorkerContext, request_id: str, by: timedelta) -> None:
+    """Move a pending delivery's next attempt ``by`` into the past in the record."""
+    with ctx.session() as session:
+        row = session.get(WebhookDelivery, f"msg_{request_id}")
+        assert row is not None and row.next_attempt_at is not None
+        row.next_attempt_at -= by
+        session.add(row)
+        session.commit()
+
+
+def test_a_delivery_sent_while_the_reaper_looks_for_lost_ones_is_not_sent_again(
+    hooks: WorkerContext, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a delivery whose first attempt got a 503 and whose retry is ten minutes overdue
+    # (a backlog behind a slow endpoint), so the reaper's search for lost deliveries reads it
+    ctx = hooks
+    url = receiver.script("/h", 503, 200, 200)
+    (request_id,) = cancelled_to(ctx, url)
+    send(ctx)
+    assert delivery_row(ctx, request_id).state == "pending"
+    overdue(ctx, request_id, timedelta(minutes=10))
+    time.sleep(0.4)  # the retry's own delay (the schedule's 0.3 s) has passed in Redis too
+
+    # When the sender delivers it between the reaper's read of the record and its look at
+    # Redis (where the delivered webhook's hash is then gone)
+    real_exists = ctx.redis.exists
+
+    def exists_after_a_send(*keys: str) -> int:
+        monkeypatch.setattr(ctx.redis, "exists", real_exists)
+        send(ctx)
+        return int(real_exists(*keys))
+
+    monkeypatch.setattr(ctx.redis, "exists", exists_after_a_send)
+    restored = restore_lost_deliveries(ctx)
+    send(ctx)
+
+    # Then nothing was queued again: the endpoint got the 503'd attempt and one delivery
+    assert restored == 0
+    assert delivery_row(ctx, request_id).state == "delivered"
+    assert len(receiver.at("/h")) == 2
+
+
+def test_a_pending_delivery_redis_lost_is_queued_again_once(
+    hooks: WorkerContext, receiver: Receiver
+) -> None:
+    # Given a delivery overdue in the record whose Redis hash and outbox entry are gone
+    ctx = hooks
+    url = receiver.script("/h", 503, 200)
+    (request_id,) = cancelled_to(ctx, url)
+    send(ctx)
+    overdue(ctx, request_id, timedelta(minutes=10))
+    ctx.redis.delete(ctx.keys.webhook(request_id))
+    ctx.redis.zrem(ctx.keys.webhook_queue, request_id)
+
+    # When the reaper looks for lost deliveries twice, and the sender runs
+    restored = [restore_lost_deliveries(ctx), restore_lost_deliveries(ctx)]
+    send_until(ctx, lambda: delivery_row(ctx, request_id).state == "delivered")
+
+    # Then it was queued once and delivered: two POSTs in all, the 503 and the 200
+    assert restored == [1, 0]
+    assert len(receiver.at("/h")) == 2

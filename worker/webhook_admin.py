@@ -130,10 +130,24 @@ def restore_lost_deliveries(ctx: WorkerContext, grace_seconds: float = 300.0) ->
                 .limit(1000)
             )
         )
+    missing = [row for row in rows if not ctx.redis.exists(ctx.keys.webhook(row.request_id))]
+    if not missing:
+        return 0
+    # Read again after Redis was: a sender records a delivery's end in SQL before it drops
+    # the Redis hash, so one settled meanwhile (its hash gone for that reason) now reads as
+    # delivered or dead, not pending, and is not sent a second time.
+    with ctx.session() as session:
+        still_pending = set(
+            session.exec(
+                select(WebhookDelivery.id)
+                .where(col(WebhookDelivery.id).in_([row.id for row in missing]))
+                .where(WebhookDelivery.state == "pending")
+                .where(col(WebhookDelivery.next_attempt_at) < cutoff)
+            )
+        )
     restored = 0
-    for row in rows:
-        if ctx.redis.exists(ctx.keys.webhook(row.request_id)):
-            continue
-        queue(ctx, outbox_entry(row), attempts=row.attempts)
-        restored += 1
+    for row in missing:
+        if row.id in still_pending:
+            queue(ctx, outbox_entry(row), attempts=row.attempts)
+            restored += 1
     return restored
