@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from datetime import datetime, timedelta
+from typing import Any
 
 import orjson
 import pytest
@@ -26,6 +28,7 @@ from tests.conftest import submit_requests as submit
 from worker.batch_ownership import batch_ownership, batch_still_owns_requests
 from worker.collection import collect_ready_batches
 from worker.context import WorkerContext
+from worker.fan_out import FanOut
 from worker.lifecycle import submit_ready_batches
 from worker.orphans import return_orphans
 from worker.packing import pack_due_buffers
@@ -178,6 +181,35 @@ def unsent_batch(ctx: WorkerContext, n: int) -> tuple[list[str], int]:
         session.commit()
     submit_ready_batches(ctx)  # -> FAILED, outcome unsent: the collector requeues them all
     return ids, waiting
+
+
+def test_a_result_that_expired_is_not_taken_for_lost_while_its_record_lagged(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a one-minute result TTL, and a record that lags the delivery in Redis by 3 s (a
+    # slow database, a large chunk)
+    ctx.settings = ctx.settings.model_copy(update={"result_ttl_seconds": 60})
+    record = FanOut._record
+
+    def lagging_record(self: FanOut, *args: Any) -> None:
+        time.sleep(3)
+        record(self, *args)
+
+    monkeypatch.setattr(FanOut, "_record", lagging_record)
+    (request_id,) = submit(ctx, 1)
+    drive_pipeline(ctx)
+    assert ctx.redis.xlen(ctx.keys.callback("svc")) == 1
+
+    # When its result expires from Redis as set, and the periodic reconcile runs just after
+    expires_in = timedelta(milliseconds=int(ctx.redis.pttl(ctx.keys.request(request_id))))
+    expired_at = ctx.now() + expires_in + timedelta(milliseconds=500)
+    ctx.redis.delete(ctx.keys.request(request_id))
+    monkeypatch.setattr(ctx, "now", lambda: expired_at)
+    report = reconcile(ctx, since=expired_at - timedelta(minutes=15))
+
+    # Then it is not taken for a result Redis lost: nothing is delivered a second time
+    assert report.restored == 0
+    assert ctx.redis.xlen(ctx.keys.callback("svc")) == 1
 
 
 def test_a_lost_requeue_is_done_again(ctx: WorkerContext) -> None:

@@ -15,6 +15,7 @@ import logging
 import math
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,10 @@ class FanOut:
         self._recording: Future[None] | None = None
         # The chunk whose delivery (finish.lua) Redis is running while later lines are read
         # and parsed: the two processes work at once instead of taking turns.
-        self._delivering: tuple[SentScript | None, list[_Final], list[LineOutcome]] | None = None
+        # (and when it was sent: the outcomes' finished_at, see _record)
+        self._delivering: (
+            tuple[SentScript | None, list[_Final], list[LineOutcome], datetime] | None
+        ) = None
         # The chunk applied last, its delivery not sent yet: it goes after the next chunk's
         # metadata read (flush), so that read is not queued behind it in Redis.
         self._held: tuple[list[Any], list[_Final], list[LineOutcome]] | None = None
@@ -181,21 +185,22 @@ class FanOut:
         self._complete_delivery()
         ctx = self.ctx
         finish = [ctx.keys.buffers]
+        sent_at = ctx.now()
         sent = SentScript(ctx.scripts, ctx.redis, "finish", finish, args) if final else None
-        self._delivering = (sent, final, retry)
+        self._delivering = (sent, final, retry, sent_at)
 
     def _complete_delivery(self) -> None:
         """Read the reply of the chunk delivered last, then hand that chunk to the recorder."""
         delivering, self._delivering = self._delivering, None
         if delivering is None:
             return
-        sent, final, retry = delivering
+        sent, final, retry, sent_at = delivering
         # A cancel that lands between reading the marks and the script is applied by the
         # script, which then reports the result it delivered instead.
         instead = cancelled_pairs(sent.reply()) if sent is not None else {}
         self.ctx.crash_point("after_fanout_delivery")
         self.wait_recorded()
-        self._recording = self._recorder.submit(self._record_chunk, final, retry, instead)
+        self._recording = self._recorder.submit(self._record_chunk, final, retry, instead, sent_at)
 
     def drain(self) -> None:
         """Until every chunk applied so far is delivered and recorded."""
@@ -221,8 +226,9 @@ class FanOut:
         final: list[_Final],
         retry: list[LineOutcome],
         instead: dict[str, str],
+        sent_at: datetime,
     ) -> None:
-        self._record(final, retry, instead)
+        self._record(final, retry, instead, sent_at)
         self.ctx.crash_point("after_fanout_chunk")
 
     def _cancelled(
@@ -289,8 +295,13 @@ class FanOut:
         final: list[_Final],
         retry: list[LineOutcome],
         instead: dict[str, str],
+        now: datetime,
     ) -> None:
-        now = self.ctx.now()
+        # ``now`` is when the chunk's finish.lua was sent, not this later moment: each
+        # result's time to live in Redis runs from its finish, and the reconciler takes a
+        # result as expired (not lost) by finished_at + that TTL, so finished_at must not
+        # come after the finish. Recorded later, a result that had expired looked lost
+        # for as long as the recording lagged, and was delivered again.
         rows = []
         for o, result, usage in final:
             if o.request_id in instead:
