@@ -396,12 +396,17 @@ def test_cancelling_a_requeued_request_reaches_the_record(ctx: WorkerContext) ->
     assert Producer(settings=ctx.settings, client=ctx.redis).cancel(ids[0])
     assert reconcile_requeued_rows(ctx) == 1
 
-    # Then the SQL record says cancelled too, and the result was delivered once
+    # Then the SQL record says cancelled too, finished (so retention can prune it) with the
+    # cancel's error, not the line error it was sent round for; and the result was delivered
+    # once
     with ctx.session() as session:
         row = session.get(Request, ids[0])
     assert row is not None and row.state == "cancelled"
     (result,) = delivered(ctx)
     assert result.request_id == ids[0] and result.status == "cancelled"
+    assert result.error is not None
+    assert (row.error_code, row.error_message) == ("cancelled", result.error.message)
+    assert row.finished_at is not None
     assert reconcile_requeued_rows(ctx) == 0
 
 

@@ -9,8 +9,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import bindparam, update
 from sqlmodel import select
 
+from shared.db import sql_text
 from shared.models import Request, RequestState
 from shared.redis_layout import server_time_ms, text
+from shared.schemas import Result
 from worker.cancellation import record_unbatched
 from worker.claims import abandon_claim
 from worker.context import WorkerContext
@@ -84,12 +86,24 @@ def reconcile_requeued_rows(ctx: WorkerContext, limit: int = 500) -> int:
     pipe = ctx.redis.pipeline(transaction=False)
     for request_id in ids:
         pipe.hmget(ctx.keys.request(request_id), ["state", "outcome", "result"])
-    # The cancelled result is kept with the row, as collected results are.
-    cancelled = [
-        {"rid": request_id, "result": result.decode() if result else None}
-        for request_id, (state, outcome, result) in zip(ids, pipe.execute(), strict=True)
-        if state == b"done" and outcome == b"cancelled"
-    ]
+    # The cancelled result is kept with the row, as collected results are, and the row is
+    # finished as record_unbatched finishes one: its error is the cancel's (not the failure
+    # it was requeued for), and finished_at is set, without which retention never prunes it
+    # (nor, then, its batch).
+    now = ctx.now()
+    cancelled = []
+    for request_id, (state, outcome, result) in zip(ids, pipe.execute(), strict=True):
+        if state != b"done" or outcome != b"cancelled":
+            continue
+        error = Result.from_json(result).error if result else None
+        cancelled.append(
+            {
+                "rid": request_id,
+                "result": sql_text(result.decode()) if result else None,
+                "error_message": sql_text(error.message) if error else None,
+                "finished_at": now,
+            }
+        )
     if cancelled:
         table = Request.__table__  # type: ignore[attr-defined]
         with ctx.session() as session:
@@ -100,6 +114,8 @@ def reconcile_requeued_rows(ctx: WorkerContext, limit: int = 500) -> int:
                 .values(
                     state=RequestState.CANCELLED.value,
                     error_code="cancelled",
+                    error_message=bindparam("error_message"),
+                    finished_at=bindparam("finished_at"),
                     result=bindparam("result"),
                 ),
                 cancelled,
