@@ -124,8 +124,8 @@ def check_queue_args(name: str, visibility_timeout: float | None) -> None:
 
 def check_max(max_results: int) -> None:
     """Refuse a chunk size that can take nothing."""
-    if max_results < 1:
-        raise ValueError(f"max must be at least 1, not {max_results}")
+    if type(max_results) is not int or max_results < 1:  # bool and 2.5 included
+        raise ValueError(f"max must be an integer of at least 1, not {max_results!r}")
 
 
 class Reader:

@@ -467,4 +467,7 @@ def _invalid_from(exc: ValidationError) -> InvalidRequest:
         rule = "must be a non-empty list of messages"
     elif err["type"] == "string_pattern_mismatch" and field.endswith("].model"):
         rule = _NO_CONTROL_RULE
+    if field.endswith(".webhook_url"):
+        # Its credentials check comes after these rules: the URL may still hold a password.
+        return InvalidRequest(field, f"{rule} (value not shown: a URL may hold credentials)")
     return InvalidRequest(field, f"{rule} (got {err.get('input')!r:.80})")

@@ -384,3 +384,15 @@ def test_a_queue_opened_with_a_name_or_timeout_no_consumer_can_use_is_refused(
     # When a consumer opens the queue / Then it is refused naming the argument
     with pytest.raises(ValueError, match=rf"^{named} must be"):
         queue_class(name, settings=settings, visibility_timeout=visibility_timeout)
+
+
+@pytest.mark.parametrize("max_results", [0, -1, 2.5, True])
+def test_get_many_refuses_a_max_that_is_not_a_whole_number_of_results(
+    settings: Settings, max_results: object
+) -> None:
+    # Given a queue / When a chunk size that cannot be one is asked for / Then it is refused
+    # naming max, rather than failing inside Redis (2.5) or taking one result (True)
+    queue = CallbackQueue("svc", settings=settings)
+    with pytest.raises(ValueError, match=r"^max must be an integer of at least 1"):
+        queue.get_many(max_results, timeout=0)  # type: ignore[arg-type]
+    queue.close()

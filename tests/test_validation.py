@@ -166,6 +166,16 @@ def test_metadata_at_the_depth_limit_is_delivered_back_and_can_be_cancelled(
     assert result.metadata == nested(64)
 
 
+def test_a_webhook_url_refused_for_its_length_is_not_shown(clients: Clients) -> None:
+    # Given a webhook URL over 2,048 characters that holds a password
+    url = "https://user:s3cret-pw@hooks.example.com/" + "a" * 2100
+    # When it is submitted / Then it is refused for its length, and its text is not shown
+    with pytest.raises(InvalidRequest) as err:
+        clients.submit(model="m-a", messages=MESSAGES, webhook_url=url)
+    assert err.value.field == "webhook_url" and "2048" in err.value.rule
+    assert "s3cret-pw" not in str(err.value)
+
+
 def test_messages_may_carry_newlines_tabs_and_nul_and_are_sent_as_given(
     clients: Clients, redis_client: Redis
 ) -> None:
