@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from urllib.parse import quote, unquote
 
-from shared.settings import ENV_PREFIX, url_secrets
+from shared.settings import ENV_PREFIX
+from shared.urls import url_secrets
 
 _URL_VARIABLES = (f"{ENV_PREFIX}DATABASE_URL", f"{ENV_PREFIX}REDIS_URL")
 

@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path
 
 from shared.errors import first_line
-from shared.settings import ENV_PREFIX, Settings, safe_url
+from shared.settings import ENV_PREFIX, Settings
+from shared.urls import safe_url
 
 
 class SetupError(RuntimeError):

@@ -12,8 +12,9 @@ from sqlalchemy.exc import OperationalError
 
 from shared.errors import describe_error
 from shared.schemas import new_request_ids
-from shared.settings import Settings, SettingsError, safe_url, unknown_variables
+from shared.settings import Settings, SettingsError, unknown_variables
 from shared.startup_checks import SetupError, check_database, check_redis, ensure_data_dir
+from shared.urls import safe_url
 from worker import task_summaries
 from worker.app import create_app
 from worker.log_format import JsonFormatter, QuietTicks

@@ -49,7 +49,8 @@ from sqlmodel import Session
 from shared.db import make_engine
 from shared.embedded_redis import resolve_redis_url
 from shared.redis_layout import CALLBACK_GROUP, Keys, server_time_ms, text
-from shared.settings import Settings, safe_url
+from shared.settings import Settings
+from shared.urls import safe_url
 from worker import status_record as record
 from worker.status_buffers import buffer_report, read_buffers
 

@@ -22,8 +22,9 @@ from typing import IO
 from urllib.parse import urlsplit
 
 from shared.embedded_redis import EmbeddedRedis, child_environment, embedded_redis_dir
-from shared.settings import Settings, safe_url
+from shared.settings import Settings
 from shared.startup_checks import LOOPBACK_HOSTS, SetupError, check_all, ensure_data_dir
+from shared.urls import safe_url
 from worker.processes import ChildProcess, Supervised, Supervisor, WorkerProcess
 
 Say = Callable[[str], None]
