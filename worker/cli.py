@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import sys
 from typing import Annotated, Any
@@ -15,6 +16,18 @@ from worker import cli_cost, cli_metrics, cli_requests, cli_status, cli_submit, 
 from worker.cli_requests import fail, load_settings, worker_context
 from worker.processes import GaveUp
 
+
+class CeleryLogLevel(enum.StrEnum):
+    """What celery's --loglevel takes; anything else made every restart of the worker fail."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+    FATAL = "FATAL"
+
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False
 )
@@ -26,7 +39,9 @@ log = logging.getLogger("batchbridge")
 @app.command()
 def up(
     concurrency: Annotated[int | None, typer.Option(min=1, help="worker processes")] = None,
-    loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+    loglevel: Annotated[
+        CeleryLogLevel, typer.Option(case_sensitive=False, help="Celery log level")
+    ] = CeleryLogLevel.INFO,
     max_restarts: Annotated[
         int, typer.Option(min=1, help="give up on a child that dies this many times ...")
     ] = 5,
@@ -57,7 +72,7 @@ def up(
     settings = load_settings()
     options = UpOptions(
         concurrency=concurrency or settings.worker_concurrency,
-        loglevel=loglevel,
+        loglevel=loglevel.value,
         max_restarts=max_restarts,
         restart_window=restart_window,
         flower=flower,
