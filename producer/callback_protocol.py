@@ -173,8 +173,11 @@ class Reader:
         consumer: str | None,
         visibility_timeout: float | None,
     ) -> Reader:
-        """The reader of queue ``name`` as a consumer built with these arguments reads it."""
-        check_queue_args(name, visibility_timeout)
+        """The reader of queue ``name`` as a consumer built with these arguments reads it.
+
+        ``name`` and ``visibility_timeout`` have passed ``check_queue_args`` (the queues
+        check them before connecting).
+        """
         vt = visibility_timeout or settings.callback_visibility_timeout_seconds
         return cls(
             name,

@@ -572,6 +572,11 @@ def test_a_create_that_took_effect_before_an_unexpected_error_gets_its_twin_canc
     assert sorted(r.request_id for r in delivered(ctx)) == sorted(ids)
 
 
+def refused_as_used(input_file_id: str, *, model: str) -> ProviderBatch:
+    """A create the provider refuses outright, as for a file that already has a batch."""
+    raise ProviderError("file already used", retryable=False, status_code=400)
+
+
 def test_a_permanent_refusal_after_an_ambiguous_create_holds_instead_of_failing(
     ctx: WorkerContext,
 ) -> None:
@@ -584,12 +589,9 @@ def test_a_permanent_refusal_after_an_ambiguous_create_holds_instead_of_failing(
     def timed_out(input_file_id: str, *, model: str) -> ProviderBatch:
         raise ProviderError("create timed out", retryable=True)
 
-    def refused(input_file_id: str, *, model: str) -> ProviderBatch:
-        raise ProviderError("file already used", retryable=False, status_code=400)
-
     flaky.create_batch = timed_out  # type: ignore[method-assign]
     assert submit_batch(ctx, packed.id) is False
-    flaky.create_batch = refused  # type: ignore[method-assign]
+    flaky.create_batch = refused_as_used  # type: ignore[method-assign]
     time.sleep(0.45)
     make_due(ctx, packed.id)
     assert submit_batch(ctx, packed.id) is False
@@ -616,15 +618,12 @@ def test_cancelling_with_requeue_after_an_ambiguous_create_and_a_refusal_pays_on
         real_create(input_file_id, model=model)
         raise ProviderError("create timed out", retryable=True)
 
-    def refused(input_file_id: str, *, model: str) -> ProviderBatch:
-        raise ProviderError("file already used", retryable=False, status_code=400)
-
     flaky.create_batch = created_then_timed_out  # type: ignore[method-assign]
     assert submit_batch(ctx, packed.id) is False
     time.sleep(0.45)
     make_due(ctx, packed.id)
     flaky.hide_from_list = 1
-    flaky.create_batch = refused  # type: ignore[method-assign]
+    flaky.create_batch = refused_as_used  # type: ignore[method-assign]
     assert submit_batch(ctx, packed.id) is False
     assert the_batch(ctx).held_since is not None
 
